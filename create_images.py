@@ -1,0 +1,114 @@
+"""Generate the dataset: random diagrams, their images and DSL (SPEC.md's data files).
+
+    python create_images.py [--num_samples 2000] [--num_test 200] [--out_dir .] [--seed 0] [--augment true]
+
+writes `images/`, `data.csv` (the training pool) and `test.csv` (held out) under
+--out_dir. Test diagrams are all different and none of them appears in
+data.csv, so the test set measures reading unseen diagrams, not memory. With
+--augment every image gets its own style drawn from SPEC's whole envelope
+(outline or filled, stroke, colours, jitter); without it, the nominal style.
+The same arguments always give the same files, byte for byte.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import dsl
+import renderer
+
+
+@dataclass
+class Arguments:
+    num_samples: int = field(default=2000, metadata={"help": "training images (data.csv)"})
+    num_test: int = field(default=200, metadata={"help": "held-out images of unseen diagrams (test.csv)"})
+    out_dir: str = field(default=".", metadata={"help": "where images/, data.csv and test.csv go"})
+    seed: int = 0
+    augment: bool = field(default=True, metadata={"help": "sample styles from SPEC's whole envelope"})
+    size: int = field(default=224, metadata={"help": "image side in pixels"})
+
+
+# At most half the diagrams of each element count are held out, so that training
+# still sees every kind of diagram (there are only 36 one-element diagrams).
+TEST_CAP_BY_COUNT = {k: n // 2 for k, n in dsl.NUM_DIAGRAMS_BY_COUNT.items()}
+MAX_TEST = sum(TEST_CAP_BY_COUNT.values())
+
+
+def sample_test_diagrams(num_test: int, seed: int) -> list[dsl.Diagram]:
+    """`num_test` different diagrams, drawn like training ones, within TEST_CAP_BY_COUNT."""
+    rng = random.Random(f"{seed}:test")
+    chosen: dict[dsl.Diagram, None] = {}  # insertion-ordered set
+    per_count = Counter()
+    while len(chosen) < num_test:
+        diagram = dsl.sample_diagram(rng)
+        if diagram not in chosen and per_count[len(diagram)] < TEST_CAP_BY_COUNT[len(diagram)]:
+            chosen[diagram] = None
+            per_count[len(diagram)] += 1
+    return list(chosen)
+
+
+def write_split(rows, csv_path: Path, args: Arguments):
+    """rows: (image file name, diagram, rng); the rng draws the image's style and jitter."""
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image_path", "dsl"])
+        for name, diagram, rng in tqdm(rows, desc=csv_path.name, unit="img"):
+            style = renderer.random_style(rng) if args.augment else renderer.NOMINAL
+            relative = f"images/{name}"
+            renderer.render(diagram, args.size, style, rng).save(csv_path.parent / relative)
+            writer.writerow([relative, dsl.format(diagram)])
+
+
+def check(args: Arguments) -> str | None:
+    if args.num_samples < 0 or args.num_test < 0:
+        return "--num_samples and --num_test cannot be negative"
+    if args.num_samples + args.num_test == 0:
+        return "nothing to generate: --num_samples and --num_test are both 0"
+    if args.num_test > MAX_TEST:
+        caps = ", ".join(f"{TEST_CAP_BY_COUNT[k]} of {n} with {k} element{'s' * (k > 1)}"
+                         for k, n in dsl.NUM_DIAGRAMS_BY_COUNT.items())
+        return (f"--num_test {args.num_test} is more unique test diagrams than can be held out: "
+                f"there are {dsl.NUM_DIAGRAMS} diagrams, and at most half of each element count "
+                f"({caps}) go to the test set so that training still sees every kind; "
+                f"ask for at most {MAX_TEST}")
+    if args.size < 8:
+        return f"--size must be at least 8 pixels, not {args.size}"
+    return None
+
+
+def main(args: Arguments):
+    out_dir = Path(args.out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    digits = max(5, len(str(max(args.num_samples, args.num_test))))
+    # One random stream per image, so each image's diagram and style depend on the seed alone.
+    test_diagrams = sample_test_diagrams(args.num_test, args.seed)
+    test_rows = [(f"test_{i:0{digits}d}.png", diagram, random.Random(f"{args.seed}:test:{i}"))
+                 for i, diagram in enumerate(test_diagrams)]
+    held_out = set(test_diagrams)
+    train_rows = []
+    for i in range(args.num_samples):
+        rng = random.Random(f"{args.seed}:train:{i}")
+        diagram = dsl.sample_diagram(rng)
+        while diagram in held_out:
+            diagram = dsl.sample_diagram(rng)
+        train_rows.append((f"train_{i:0{digits}d}.png", diagram, rng))
+
+    write_split(train_rows, out_dir / "data.csv", args)
+    write_split(test_rows, out_dir / "test.csv", args)
+    print(f"wrote {args.num_samples} training and {args.num_test} test images to {out_dir / 'images'}, "
+          f"{out_dir / 'data.csv'} and {out_dir / 'test.csv'}")
+
+if __name__ == "__main__":
+    (arguments,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    if problem := check(arguments):
+        print(f"create_images.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    main(arguments)

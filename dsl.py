@@ -1,0 +1,234 @@
+"""The diagram DSL: vocabulary, parser, canonical formatter, sampler and metrics.
+
+One source of truth for everything that reads or writes diagrams (see SPEC.md):
+
+    <StartDiagram>
+      <Large> <Circle> <TopLeft>
+      <Small> <Triangle> <BottomRight>
+    <EndDiagram>
+
+`format(parse(text))` is the canonical text. The parser is lenient about
+whitespace (spaces, tabs, blank lines, CRLF, line breaks) and about the order of
+elements, and strict about everything else; its errors name the line and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import combinations, product
+from math import comb
+
+SIZES = ("Large", "Medium", "Small")
+SHAPES = ("Circle", "Square", "Triangle")
+POSITIONS = ("TopLeft", "TopRight", "BottomLeft", "BottomRight")  # also the canonical line order
+START, END = "<StartDiagram>", "<EndDiagram>"
+
+# The special tokens the language model learns: each tag becomes one token.
+DSL_TOKENS = (START, END) + tuple(f"<{name}>" for name in SIZES + SHAPES + POSITIONS)
+
+MAX_ELEMENTS = len(POSITIONS)
+# Diagrams with k elements: choose k of the 4 positions, then a size and a shape for each.
+NUM_DIAGRAMS_BY_COUNT = {k: comb(MAX_ELEMENTS, k) * (len(SIZES) * len(SHAPES)) ** k
+                         for k in range(1, MAX_ELEMENTS + 1)}
+NUM_DIAGRAMS = sum(NUM_DIAGRAMS_BY_COUNT.values())  # 9999
+
+
+@dataclass(frozen=True, order=True)
+class Element:
+    size: str
+    shape: str
+    position: str
+
+    def __post_init__(self):
+        for value, allowed in ((self.size, SIZES), (self.shape, SHAPES), (self.position, POSITIONS)):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Diagram:
+    """1 to 4 elements, at most one per position, kept in canonical (position) order."""
+
+    elements: tuple[Element, ...]
+
+    def __post_init__(self):
+        elements = tuple(sorted(self.elements, key=lambda e: POSITIONS.index(e.position)))
+        if not 1 <= len(elements) <= MAX_ELEMENTS:
+            raise ValueError(f"a diagram has 1 to {MAX_ELEMENTS} elements, not {len(elements)}")
+        positions = [e.position for e in elements]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"two elements at one position: {positions}")
+        object.__setattr__(self, "elements", elements)
+
+    def __len__(self):
+        return len(self.elements)
+
+
+class DSLParseError(ValueError):
+    """A diagram text that does not parse; `line` is 1-based."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+
+
+# ---------------------------------------------------------------------------- formatting
+
+def format(diagram: Diagram) -> str:  # noqa: A001 - the SPEC's name for it
+    """The canonical text of a diagram."""
+    lines = [START] + [f"  <{e.size}> <{e.shape}> <{e.position}>" for e in diagram.elements] + [END]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- parsing
+
+_KIND_OF_TAG = {f"<{name}>": kind for kind, names in
+                (("size", SIZES), ("shape", SHAPES), ("position", POSITIONS)) for name in names}
+_KIND_OF_TAG.update({START: "start", END: "end"})
+_EXPECTED = {
+    "size": "a size (" + " ".join(f"<{s}>" for s in SIZES) + ")",
+    "shape": "a shape (" + " ".join(f"<{s}>" for s in SHAPES) + ")",
+    "position": "a position (" + " ".join(f"<{p}>" for p in POSITIONS) + ")",
+}
+# A tag, or a run of anything else up to the next tag or whitespace: "<Large><Circle>" is two tokens.
+_TOKEN = re.compile(r"<[^<>\s]*>|[^<\s]+|<")
+
+
+def _tokens(text: str):
+    for number, line in enumerate(text.splitlines(), start=1):
+        for token in _TOKEN.findall(line):
+            yield number, token
+
+
+def parse(text: str) -> Diagram:
+    """Parse diagram text; raise DSLParseError naming the line and what was expected."""
+    tokens = list(_tokens(text))
+    last_line = max(1, len(text.splitlines()))
+    if not tokens:
+        raise DSLParseError(1, f"expected {START}, got an empty text")
+    line, token = tokens[0]
+    if token != START:
+        raise DSLParseError(line, f"expected {START}, got {token!r} (text outside the diagram markers)")
+
+    elements: list[Element] = []
+    line_of_position: dict[str, int] = {}
+    i = 1
+    while True:
+        if i >= len(tokens):
+            raise DSLParseError(last_line, f"expected an element or {END}, got the end of the text")
+        line, token = tokens[i]
+        if token == END:
+            break
+        parts = []
+        element_line = line
+        for kind in ("size", "shape", "position"):
+            if i >= len(tokens):
+                raise DSLParseError(element_line, f"incomplete element: expected {_EXPECTED[kind]}, "
+                                                  "got the end of the text")
+            line, token = tokens[i]
+            found = _KIND_OF_TAG.get(token)
+            if found is None:
+                raise DSLParseError(line, f"unknown token {token!r}: expected {_EXPECTED[kind]}")
+            if found != kind:
+                raise DSLParseError(element_line, f"expected {_EXPECTED[kind]}, got {token} "
+                                                  "(an element line is <Size> <Shape> <Position>)")
+            parts.append(token[1:-1])
+            i += 1
+        element = Element(*parts)
+        if element.position in line_of_position:
+            raise DSLParseError(element_line, f"two elements at <{element.position}> "
+                                              f"(the first is on line {line_of_position[element.position]})")
+        line_of_position[element.position] = element_line
+        elements.append(element)
+
+    if not elements:
+        raise DSLParseError(line, f"empty diagram: expected at least one element before {END}")
+    if i + 1 < len(tokens):
+        extra_line, extra = tokens[i + 1]
+        raise DSLParseError(extra_line, f"expected nothing after {END}, got {extra!r} "
+                                        "(text outside the diagram markers)")
+    return Diagram(tuple(elements))
+
+
+def is_valid(text: str) -> bool:
+    try:
+        parse(text)
+        return True
+    except DSLParseError:
+        return False
+
+
+# ---------------------------------------------------------------------------- sampling
+
+def sample_diagram(rng: random.Random, num_elements: int | None = None) -> Diagram:
+    """A random diagram: element count uniform in 1..4 (unless given), then uniform positions,
+    sizes and shapes, so small diagrams are as common as full ones."""
+    k = num_elements or rng.randint(1, MAX_ELEMENTS)
+    positions = rng.sample(POSITIONS, k)
+    return Diagram(tuple(Element(rng.choice(SIZES), rng.choice(SHAPES), p) for p in positions))
+
+
+def all_diagrams():
+    """Every one of the NUM_DIAGRAMS diagrams, in a fixed order."""
+    for k in range(1, MAX_ELEMENTS + 1):
+        for positions in combinations(POSITIONS, k):
+            for looks in product(product(SIZES, SHAPES), repeat=k):
+                yield Diagram(tuple(Element(size, shape, position)
+                                    for (size, shape), position in zip(looks, positions)))
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def _parse_or_none(text: str) -> Diagram | None:
+    try:
+        return parse(text)
+    except DSLParseError:
+        return None
+
+
+def _scores(pairs) -> dict:
+    """pairs: (predicted Diagram or None, reference Diagram)."""
+    n = len(pairs)
+    exact = valid = true_positives = predicted_count = reference_count = 0
+    for predicted, reference in pairs:
+        reference_set = set(reference.elements)
+        predicted_set = set(predicted.elements) if predicted is not None else set()
+        valid += predicted is not None
+        exact += predicted == reference
+        true_positives += len(predicted_set & reference_set)
+        predicted_count += len(predicted_set)
+        reference_count += len(reference_set)
+    precision = true_positives / predicted_count if predicted_count else 0.0
+    recall = true_positives / reference_count if reference_count else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "n": n,
+        "exact_match": exact / n if n else 0.0,
+        "element_precision": precision,
+        "element_recall": recall,
+        "element_f1": f1,
+        "valid_rate": valid / n if n else 0.0,
+    }
+
+
+def evaluate(predictions: list[str], references: list[str]) -> dict:
+    """SPEC's metrics for raw model outputs against reference DSL texts.
+
+    Element precision/recall/F1 are micro-averaged over (size, shape, position)
+    triples; an output that does not parse counts as predicting no elements.
+    Returns the overall scores plus `by_count`: the same scores per number of
+    elements in the reference (1, 2, 3, 4).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    pairs = [(_parse_or_none(p), parse(r)) for p, r in zip(predictions, references)]
+    by_count = defaultdict(list)
+    for pair in pairs:
+        by_count[len(pair[1])].append(pair)
+    result = _scores(pairs)
+    result["by_count"] = {k: _scores(by_count[k]) for k in sorted(by_count)}
+    return result

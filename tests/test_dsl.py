@@ -1,0 +1,119 @@
+"""The DSL contract of SPEC.md: canonical text, lenient whitespace, strict content, metrics."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dsl
+
+ALL = list(dsl.all_diagrams())
+diagrams = st.sampled_from(ALL)
+blank = st.text(alphabet=" \t", max_size=3)
+
+
+def test_vocabulary_and_counts():
+    assert len(dsl.DSL_TOKENS) == 12 and len(set(dsl.DSL_TOKENS)) == 12
+    assert len(ALL) == len(set(ALL)) == dsl.NUM_DIAGRAMS == 9999
+
+
+def test_every_diagram_round_trips():
+    for diagram in ALL:
+        text = dsl.format(diagram)
+        assert dsl.parse(text) == diagram
+        assert dsl.format(dsl.parse(text)) == text
+
+
+def test_canonical_text_matches_spec():
+    diagram = dsl.Diagram((dsl.Element("Small", "Triangle", "BottomLeft"),
+                           dsl.Element("Medium", "Square", "TopRight"),
+                           dsl.Element("Large", "Circle", "TopLeft")))
+    assert dsl.format(diagram) == ("<StartDiagram>\n"
+                                   "  <Large> <Circle> <TopLeft>\n"
+                                   "  <Medium> <Square> <TopRight>\n"
+                                   "  <Small> <Triangle> <BottomLeft>\n"
+                                   "<EndDiagram>\n")
+
+
+@given(diagrams, st.randoms(use_true_random=False), blank, blank, st.sampled_from(["\n", "\r\n", "\n\n", "\n \t\n"]))
+def test_parser_is_lenient_about_whitespace_and_order(diagram, rnd, indent, gap, newline):
+    lines = [f"{indent}<{e.size}>{gap} <{e.shape}>\t<{e.position}>{gap}" for e in diagram.elements]
+    rnd.shuffle(lines)
+    text = newline.join([gap + dsl.START] + lines + [dsl.END + gap])
+    assert dsl.parse(text) == diagram
+    assert dsl.format(dsl.parse(text)) == dsl.format(diagram)
+
+
+BAD_LINES = {
+    "unknown token": "  <Huge> <Circle> <TopLeft>",
+    "unknown shape": "  <Large> <Hexagon> <TopLeft>",
+    "missing position": "  <Large> <Circle>",
+    "missing size": "  <Circle> <TopLeft>",
+    "loose text": "  a circle",
+}
+
+
+@settings(max_examples=60)
+@given(diagrams, st.sampled_from(sorted(BAD_LINES)), st.data())
+def test_parser_names_the_line_of_a_bad_element(diagram, kind, data):
+    lines = dsl.format(diagram).splitlines()
+    where = data.draw(st.integers(1, len(lines) - 1), label="insert before line")
+    lines.insert(where, BAD_LINES[kind])
+    with pytest.raises(dsl.DSLParseError) as error:
+        dsl.parse("\n".join(lines) + "\n")
+    assert error.value.line == where + 1
+    assert str(error.value).startswith(f"line {where + 1}: ")
+    assert "expected" in str(error.value)
+
+
+@given(diagrams)
+def test_two_elements_at_one_position_is_an_error(diagram):
+    lines = dsl.format(diagram).splitlines()
+    first = diagram.elements[0]
+    lines.insert(len(lines) - 1, f"  <Small> <Square> <{first.position}>")
+    with pytest.raises(dsl.DSLParseError, match=rf"line {len(lines) - 1}: two elements at <{first.position}>"):
+        dsl.parse("\n".join(lines))
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("", 1, "expected <StartDiagram>"),
+    ("<StartDiagram>\n<EndDiagram>\n", 2, "empty diagram"),
+    ("Here it is:\n<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\n", 1, "expected <StartDiagram>"),
+    ("<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\nDone.\n", 4, "nothing after <EndDiagram>"),
+    ("<StartDiagram>\n  <Large> <Circle> <TopLeft>\n", 2, "expected an element or <EndDiagram>"),
+    ("<StartDiagram>\n  <Large> <Circle> <TopLeft>\n  <Small>\n", 3, "incomplete element"),
+])
+def test_parser_rejects_text_outside_markers_and_empty_diagrams(text, line, message):
+    with pytest.raises(dsl.DSLParseError, match=message) as error:
+        dsl.parse(text)
+    assert error.value.line == line
+
+
+def test_tags_need_no_spaces_between_them():
+    assert dsl.parse("<StartDiagram><Large><Circle><TopLeft><EndDiagram>") == dsl.Diagram(
+        (dsl.Element("Large", "Circle", "TopLeft"),))
+
+
+def test_sampler_covers_every_element_count():
+    rng = random.Random(0)
+    counts = {len(dsl.sample_diagram(rng)) for _ in range(200)}
+    assert counts == {1, 2, 3, 4}
+
+
+def test_metrics():
+    reference = dsl.format(dsl.Diagram((dsl.Element("Large", "Circle", "TopLeft"),
+                                        dsl.Element("Small", "Square", "BottomRight"))))
+    one_wrong = reference.replace("<Small> <Square>", "<Small> <Triangle>")
+    single = dsl.format(dsl.Diagram((dsl.Element("Medium", "Triangle", "TopRight"),)))
+    scores = dsl.evaluate([reference, one_wrong, "not a diagram", single], [reference, reference, reference, single])
+    assert scores["n"] == 4
+    assert scores["exact_match"] == 0.5
+    assert scores["valid_rate"] == 0.75
+    # true positives 2 + 1 + 0 + 1 = 4; predicted 2 + 2 + 0 + 1 = 5; reference 2 + 2 + 2 + 1 = 7
+    assert scores["element_precision"] == pytest.approx(4 / 5)
+    assert scores["element_recall"] == pytest.approx(4 / 7)
+    assert scores["element_f1"] == pytest.approx(2 * (4 / 5) * (4 / 7) / (4 / 5 + 4 / 7))
+    assert sorted(scores["by_count"]) == [1, 2]
+    assert scores["by_count"][1]["exact_match"] == 1.0
+    assert scores["by_count"][2]["n"] == 3 and scores["by_count"][2]["exact_match"] == pytest.approx(1 / 3)
