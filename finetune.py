@@ -36,7 +36,8 @@ from transformers import HfArgumentParser
 
 import data
 import dsl
-from model import DTYPES, CheckpointError, DiagramReader, ModelConfig, VisionEncoder, read_checkpoint_config
+from model import (DTYPES, CheckpointError, DiagramReader, ModelConfig, VisionEncoder, read_checkpoint_config,
+                   with_examples)
 
 
 @dataclass
@@ -65,12 +66,12 @@ class Hyperparameters:
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     num_shots: int = 0
-    instruction: str = "Describe the diagram in the image in the diagram DSL."
+    instruction: str = "Read the diagram."  # short: every prompt token costs time in every step
     # precision: weights of the frozen LLM, and accelerate's mixed precision (no, fp16, bf16)
     dtype: str = "bfloat16"
     mixed_precision: str = "no"
     # optimisation
-    epochs: int = 1  # of 5,400 images: varied images teach more than repeated ones
+    epochs: int = 1  # of 7,200 images: varied images teach more than repeated ones
     batch_size: int = 8
     lr: float = 1e-3  # LoRA adapters
     projector_lr: float = 1e-3  # projector and new token embeddings
@@ -382,8 +383,7 @@ def evaluate(reader, val_features, val_rows, example_features, examples, hp, acc
     example_dsls = [text for _, text in examples]
 
     def images_for(start, end):
-        shots = example_features[None].expand(end - start, *example_features.shape)
-        return torch.cat([shots, val_features[start:end, None]], dim=1)
+        return with_examples(example_features, val_features[start:end])
 
     n = min(hp.eval_samples, len(val_rows))
     n_loss = len(val_rows) if loss_over_all else n

@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 import data
 import dsl
 import renderer
-from model import DTYPES, CheckpointError, find_checkpoint, load_checkpoint
+from model import DTYPES, CheckpointError, find_checkpoint, load_checkpoint, with_examples
 
 
 @dataclass
@@ -49,9 +49,7 @@ def predict(reader, vision, examples, paths, batch_size, device) -> list[str]:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             features = vision.encode(chunk).to(device)
-            images = torch.cat([example_features[None].expand(len(chunk), *example_features.shape),
-                                features[:, None]], dim=1)
-            predictions += reader.generate(images, [example_dsls] * len(chunk))
+            predictions += reader.generate(with_examples(example_features, features), [example_dsls] * len(chunk))
             bar.update(len(chunk))
     return predictions
 

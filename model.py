@@ -421,6 +421,12 @@ def check_same_model(saved: dict, actual: dict):
                                   f"{expected}, but {source} as loaded here has {value}")
 
 
+def with_examples(example_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
+    """[B, num_shots + 1, T, D]: the same solved examples' features before each target's."""
+    shots = example_features.to(target_features.device)[None].expand(len(target_features), *example_features.shape)
+    return torch.cat([shots, target_features[:, None]], dim=1)
+
+
 def _largest_diagrams():
     """Diagrams with the longest text: four elements, longest names."""
     yield dsl.Diagram(tuple(dsl.Element("Medium", "Triangle", p) for p in dsl.POSITIONS))
