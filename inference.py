@@ -34,6 +34,7 @@ class Arguments:
     eval: bool = field(default=False, metadata={"help": "score the predictions against the CSV's dsl column"})
     out: str = field(default="", metadata={"help": "write predictions to this CSV"})
     render: str = field(default="", metadata={"help": "write each input beside its re-rendered prediction here"})
+    llm: str = field(default="", metadata={"help": "load the base LLM from here instead (the same model, moved)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "read the good rows of a CSV with bad ones"})
     batch_size: int = 16
     dtype: str = "bfloat16"
@@ -104,7 +105,7 @@ def main(args: Arguments, image_args: list[str]) -> int:
                           else "cpu" if args.device == "auto" else args.device)
     folder = find_checkpoint(args.checkpoint)
     print(f"checkpoint {folder}", file=sys.stderr)
-    reader, vision, examples = load_checkpoint(folder, DTYPES[args.dtype])
+    reader, vision, examples = load_checkpoint(folder, DTYPES[args.dtype], args.llm)
     reader.to(device).eval()
     vision.to(device)
 

@@ -137,8 +137,12 @@ class VisionEncoder(nn.Module):
         return torch.cat(chunks) if chunks else torch.zeros(0, *self.feature_shape)
 
     def fingerprint(self) -> float:
-        """A checksum of the weights: tells whether two encoders are the same (random ones included)."""
-        return float(sum(p.detach().double().abs().sum() for p in self.visual.parameters()))
+        return fingerprint(self.visual.parameters())
+
+
+def fingerprint(tensors) -> float:
+    """A checksum of weights: tells whether two models are the same (random ones included)."""
+    return float(sum(t.detach().double().abs().sum() for t in tensors))
 
 
 # ---------------------------------------------------------------------------- projector
@@ -239,9 +243,10 @@ class DiagramReader(nn.Module):
     """Projector + LLM (with LoRA). The vision encoder stays outside: it is frozen, so
     training computes its features once per image and feeds them in."""
 
-    def __init__(self, config: ModelConfig, llm, tokenizer, projector: Projector):
+    def __init__(self, config: ModelConfig, llm, tokenizer, projector: Projector, llm_fingerprint: float):
         super().__init__()
         self.config, self.llm, self.tokenizer, self.projector = config, llm, tokenizer, projector
+        self.llm_fingerprint = llm_fingerprint  # of the base LLM's input embeddings, new rows included
         self.image_tokens = projector.feature_mean.shape[0]
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id, self.image_end_id, self.end_id = ids(IMAGE_START), ids(IMAGE_END), ids(dsl.END)
@@ -252,10 +257,11 @@ class DiagramReader(nn.Module):
     def build(cls, config: ModelConfig, feature_shape, dtype=torch.float32) -> "DiagramReader":
         """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM."""
         llm, tokenizer = load_llm(config.llm, dtype)
+        base = fingerprint([llm.get_input_embeddings().weight])
         new_ids = tokenizer.convert_tokens_to_ids(NEW_TOKENS)
         llm = get_peft_model(llm, lora_config(config, llm, new_ids))
         projector = Projector(config.projector, feature_shape, llm.config.hidden_size)
-        return cls(config, llm, tokenizer, projector)
+        return cls(config, llm, tokenizer, projector, base)
 
     # -- prompts
 
@@ -350,7 +356,7 @@ class DiagramReader(nn.Module):
             image.save(folder / "examples" / f"{i}.png")
             (folder / "examples" / f"{i}.dsl.txt").write_text(text)
         config = {"model": asdict(self.config), "llm_hidden_size": self.llm.config.hidden_size,
-                  "vocab_size": len(self.tokenizer), **metadata}
+                  "vocab_size": len(self.tokenizer), "llm_fingerprint": self.llm_fingerprint, **metadata}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -385,38 +391,52 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint in {path}: expected a config.json there, or epoch-*/step-* folders")
 
 
-def load_checkpoint(folder: Path, dtype=torch.float32):
-    """(DiagramReader, VisionEncoder, solved examples) from a checkpoint folder. Refuses, with
-    a CheckpointError that says why, a checkpoint whose files are missing or whose base LLM
-    or CLIP differ from the ones it was trained with."""
+def load_checkpoint(folder: Path, dtype=torch.float32, llm_name: str = ""):
+    """(DiagramReader, VisionEncoder, solved examples) from a checkpoint folder; `llm_name`
+    loads the base LLM from elsewhere than the checkpoint says (the same model, moved).
+    Refuses, with a CheckpointError that says why, a checkpoint whose files are missing or
+    whose base LLM or CLIP cannot be loaded or differ from the ones it was trained with."""
     folder = Path(folder)
     saved = read_checkpoint_config(folder)
     config = ModelConfig(**saved["model"])
-    vision = VisionEncoder(config)
+    try:
+        vision = VisionEncoder(config)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"cannot load the CLIP this checkpoint was trained with "
+                              f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
     check_same_model(saved, {"clip_fingerprint": vision.fingerprint(), "feature_shape": list(vision.feature_shape)})
-    llm, tokenizer = load_llm(config.llm, dtype)
-    check_same_model(saved, {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer)})
+    config.llm = llm_name or config.llm
+    try:
+        llm, tokenizer = load_llm(config.llm, dtype)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
+    base = fingerprint([llm.get_input_embeddings().weight])
+    check_same_model(saved, {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer),
+                             "llm_fingerprint": base})
     llm = PeftModel.from_pretrained(llm, folder / "adapter")
     projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
     projector.load_state_dict(load_file(folder / "projector.safetensors"))
     examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
                  (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
-    return DiagramReader(config, llm, tokenizer, projector), vision, examples
+    return DiagramReader(config, llm, tokenizer, projector, base), vision, examples
 
 
 _WHAT = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
-         "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size"}
+         "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
 
 
 def check_same_model(saved: dict, actual: dict):
     """Compare the facts a checkpoint recorded about its base models with the ones loaded now."""
     model = saved["model"]
     for key, value in actual.items():
-        expected = saved.get(key)
-        same = (abs(expected - value) <= 1e-6 * abs(expected) if isinstance(value, float) else expected == value)
+        if key not in saved:
+            continue  # a fact this checkpoint did not record
+        expected = saved[key]
+        # Checksums: loose enough for the same weights in another precision (bf16 vs fp32).
+        same = (abs(expected - value) <= 1e-4 * abs(expected) if isinstance(value, float) else expected == value)
         if not same:
             source = (f"CLIP {model['clip_model']} / {model['clip_pretrained']}" if key in ("clip_fingerprint", "feature_shape")
-                      else f"LLM {model['llm']}")
+                      else f"the LLM {model['llm']}")
             raise CheckpointError(f"this checkpoint was made for another base model: its {_WHAT[key]} is "
                                   f"{expected}, but {source} as loaded here has {value}")
 

@@ -213,6 +213,12 @@ def test_checkpoint_for_another_model_is_refused(tmp_path, tiny_llm, tiny_llm_un
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(model.CheckpointError, match="LLM hidden size is 4096"):
         model.load_checkpoint(tmp_path)
+    saved["llm_hidden_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(model.CheckpointError, match="LLM weights"):  # same shapes, other weights
+        model.load_checkpoint(tmp_path, llm_name=tiny_llm_untied)
+    with pytest.raises(model.CheckpointError, match="cannot load the base LLM"):
+        model.load_checkpoint(tmp_path, llm_name=str(tmp_path / "no-such-model"))
     (tmp_path / "projector.safetensors").unlink()
     with pytest.raises(model.CheckpointError, match="missing projector.safetensors"):
         model.load_checkpoint(tmp_path)
