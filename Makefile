@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt
 # 8,000 images: one pass over many varied images teaches more than epochs over few (measured).
 demo: install
 	$(BIN)/python create_images.py --num_samples 8000 --num_test 200
-	$(BIN)/python finetune.py
+	$(BIN)/python finetune.py --resume auto   # a second `make demo` continues, not overwrites
 	$(BIN)/python inference.py --checkpoint checkpoints --csv test.csv --eval
 
 test: install

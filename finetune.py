@@ -221,7 +221,16 @@ class StopRequested:
         signal.signal(signal.SIGINT, self.previous)
 
 
+class SettingsError(Exception):
+    """Hyperparameters this machine cannot run."""
+
+
 def main(hp: Hyperparameters) -> int:
+    if hp.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SettingsError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision no "
+                            "--dtype bfloat16 (or float32)")
+    if hp.dtype not in DTYPES:
+        raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, not {hp.dtype!r}")
     accelerator = Accelerator(mixed_precision=hp.mixed_precision)
     random.seed(hp.seed)
     np.random.seed(hp.seed)
@@ -232,6 +241,9 @@ def main(hp: Hyperparameters) -> int:
     # Everything that can be wrong with the input is found before any model loads.
     resume_from = resume_folder(hp)
     resumed = check_resumable(resume_from, hp) if resume_from else None
+    if not resume_from and output_dir.is_dir() and checkpoint_folders(output_dir):
+        raise SettingsError(f"{output_dir} already holds a run (latest: {checkpoint_folders(output_dir)[-1].name}); "
+                            "continue it with --resume auto, or pick another --output_dir (or delete it)")
     rows, skipped = data.read_dataset(hp.data_csv, hp.skip_bad_rows)
     if skipped:
         accelerator.print(f"skipping {skipped} bad rows of {hp.data_csv} (--skip_bad_rows)")
@@ -447,6 +459,6 @@ if __name__ == "__main__":
     hyperparameters = parse_hyperparameters(sys.argv[1:])
     try:
         sys.exit(main(hyperparameters))
-    except (data.DataError, CheckpointError) as error:
+    except (data.DataError, CheckpointError, SettingsError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         sys.exit(2)

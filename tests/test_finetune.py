@@ -58,6 +58,12 @@ def test_run_writes_epoch_and_step_checkpoints_in_peft_and_safetensors_format(tr
     assert [r["eval"]["step"] for r in log if "eval" in r] == [5, 10]  # validation at each epoch end
 
 
+def test_a_new_run_does_not_overwrite_an_old_one(trained_run, tiny_llm, tiny_clip, tiny_dataset):
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, trained_run))
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "--resume auto" in result.stderr
+    assert json.loads((trained_run / "epoch-02" / "config.json").read_text())["step"] == 10
+
+
 def test_inference_evaluates_a_csv_and_ends_with_json(trained_run, tiny_dataset, tmp_path):
     result = run_script("inference.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
                         "--eval", "--dtype", "float32", "--out", str(tmp_path / "p.csv"), "--render", str(tmp_path / "r"))
