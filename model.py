@@ -43,6 +43,9 @@ IGNORE = -100  # label of a position without loss
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Every tag is one token, so all four-element diagrams are equally long: the longest.
+FULL_DIAGRAM = dsl.Diagram(tuple(dsl.Element("Large", "Circle", p) for p in dsl.POSITIONS))
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -251,7 +254,7 @@ class DiagramReader(nn.Module):
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id, self.image_end_id, self.end_id = ids(IMAGE_START), ids(IMAGE_END), ids(dsl.END)
         self.instruction_ids = tokenizer(config.instruction).input_ids  # with BOS where the tokenizer adds one
-        self.max_dsl_tokens = max(len(self.dsl_ids(dsl.format(d))) for d in _largest_diagrams())
+        self.max_dsl_tokens = len(self.dsl_ids(dsl.format(FULL_DIAGRAM)))
 
     @classmethod
     def build(cls, config: ModelConfig, feature_shape, dtype=torch.float32) -> "DiagramReader":
@@ -445,8 +448,3 @@ def with_examples(example_features: torch.Tensor, target_features: torch.Tensor)
     """[B, num_shots + 1, T, D]: the same solved examples' features before each target's."""
     shots = example_features.to(target_features.device)[None].expand(len(target_features), *example_features.shape)
     return torch.cat([shots, target_features[:, None]], dim=1)
-
-
-def _largest_diagrams():
-    """Diagrams with the longest text: four elements, longest names."""
-    yield dsl.Diagram(tuple(dsl.Element("Medium", "Triangle", p) for p in dsl.POSITIONS))
