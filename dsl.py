@@ -154,12 +154,21 @@ def parse(text: str) -> Diagram:
     return Diagram(tuple(elements))
 
 
-def is_valid(text: str) -> bool:
+def parse_or_none(text: str) -> Diagram | None:
     try:
-        parse(text)
-        return True
+        return parse(text)
     except DSLParseError:
-        return False
+        return None
+
+
+def is_valid(text: str) -> bool:
+    return parse_or_none(text) is not None
+
+
+def canonical(text: str) -> str:
+    """The canonical form of a text that parses; any other text unchanged (a model's raw output)."""
+    diagram = parse_or_none(text)
+    return format(diagram) if diagram is not None else text
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -183,11 +192,6 @@ def all_diagrams():
 
 # ---------------------------------------------------------------------------- metrics
 
-def _parse_or_none(text: str) -> Diagram | None:
-    try:
-        return parse(text)
-    except DSLParseError:
-        return None
 
 
 def _scores(pairs) -> dict:
@@ -225,7 +229,7 @@ def evaluate(predictions: list[str], references: list[str]) -> dict:
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    pairs = [(_parse_or_none(p), parse(r)) for p, r in zip(predictions, references)]
+    pairs = [(parse_or_none(p), parse(r)) for p, r in zip(predictions, references)]
     by_count = defaultdict(list)
     for pair in pairs:
         by_count[len(pair[1])].append(pair)

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ from transformers import HfArgumentParser
 
 import data
 import dsl
-from model import (DTYPES, CheckpointError, DiagramReader, ModelConfig, VisionEncoder, read_checkpoint_config,
-                   with_examples)
+from model import (DTYPES, CheckpointError, DiagramReader, ModelConfig, VisionEncoder, checkpoint_folders,
+                   read_checkpoint_config, with_examples)
 
 
 @dataclass
@@ -68,8 +69,8 @@ class Hyperparameters:
     num_shots: int = 0
     instruction: str = "Read the diagram."  # short: every prompt token costs time in every step
     # precision: weights of the frozen LLM, and accelerate's mixed precision (no, fp16, bf16)
-    dtype: str = "bfloat16"
-    mixed_precision: str = "no"
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # optimisation
     epochs: int = 1  # of 7,200 images: varied images teach more than repeated ones
     batch_size: int = 8
@@ -133,12 +134,6 @@ def pick_examples(index: int, num_train: int, num_shots: int, rng: random.Random
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def checkpoint_folders(run: Path) -> list[Path]:
-    """A run's complete checkpoints, oldest first (by training step)."""
-    found = [p for p in run.glob("*") if p.name.startswith(("epoch-", "step-")) and (p / "training_state.pt").is_file()]
-    return sorted(found, key=lambda p: (json.loads((p / "config.json").read_text())["step"], p.name))
-
-
 def save_checkpoint(folder: Path, reader: DiagramReader, examples, metadata: dict, training_state: dict):
     """Write a checkpoint into a temporary folder, then rename it into place: a crash during
     the save leaves the previous checkpoints whole and no half-written one behind a real name."""
@@ -164,7 +159,7 @@ def resume_folder(hp: Hyperparameters) -> Path | None:
     run = Path(hp.output_dir if hp.resume == "auto" else hp.resume)
     if (run / "training_state.pt").is_file():
         return run
-    found = checkpoint_folders(run) if run.is_dir() else []
+    found = [p for p in checkpoint_folders(run) if (p / "training_state.pt").is_file()]
     if found:
         return found[-1]
     if hp.resume == "auto":
@@ -241,8 +236,8 @@ def main(hp: Hyperparameters) -> int:
     # Everything that can be wrong with the input is found before any model loads.
     resume_from = resume_folder(hp)
     resumed = check_resumable(resume_from, hp) if resume_from else None
-    if not resume_from and output_dir.is_dir() and checkpoint_folders(output_dir):
-        raise SettingsError(f"{output_dir} already holds a run (latest: {checkpoint_folders(output_dir)[-1].name}); "
+    if not resume_from and (earlier := checkpoint_folders(output_dir)):
+        raise SettingsError(f"{output_dir} already holds a run (latest: {earlier[-1].name}); "
                             "continue it with --resume auto, or pick another --output_dir (or delete it)")
     rows, skipped = data.read_dataset(hp.data_csv, hp.skip_bad_rows)
     if skipped:
@@ -415,8 +410,7 @@ def evaluate(reader, val_features, val_rows, example_features, examples, hp, acc
     scores = dsl.evaluate(predictions, references)
     scores.pop("by_count")
     scores["loss"] = total_loss / n_loss
-    canonical = [dsl.format(dsl.parse(p)) if dsl.is_valid(p) else p for p in predictions]
-    scores["samples"] = list(zip(canonical, references))[:4]
+    scores["samples"] = [(dsl.canonical(p), r) for p, r in zip(predictions[:4], references)]
     return scores
 
 

@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image, ImageDraw
@@ -37,7 +38,7 @@ class Arguments:
     llm: str = field(default="", metadata={"help": "load the base LLM from here instead (the same model, moved)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "read the good rows of a CSV with bad ones"})
     batch_size: int = 16
-    dtype: str = "bfloat16"
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = "auto"  # auto: cuda when there is one
 
 
@@ -55,16 +56,12 @@ def predict(reader, vision, examples, paths, batch_size, device) -> list[str]:
     return predictions
 
 
-def canonical_or_raw(text: str) -> str:
-    return dsl.format(dsl.parse(text)) if dsl.is_valid(text) else text
-
-
 def render_side_by_side(image_path: Path, prediction: str, out_path: Path, size: int = 224):
     """The input, and beside it the prediction drawn by renderer.py (or why it could not be)."""
     canvas = Image.new("RGB", (2 * size, size), "white")
     canvas.paste(data.load_image(image_path).resize((size, size)), (0, 0))
-    if dsl.is_valid(prediction):
-        canvas.paste(renderer.render(dsl.parse(prediction), size), (size, 0))
+    if (diagram := dsl.parse_or_none(prediction)) is not None:
+        canvas.paste(renderer.render(diagram, size), (size, 0))
     else:
         ImageDraw.Draw(canvas).text((size + 8, size // 2), "not a valid diagram", fill="red")
     ImageDraw.Draw(canvas).line([(size, 0), (size, size)], fill="gray")
@@ -111,14 +108,14 @@ def main(args: Arguments, image_args: list[str]) -> int:
 
     predictions = predict(reader, vision, examples, paths, args.batch_size, device)
     for path, prediction in zip(paths, predictions):
-        print(f"# {path}\n{canonical_or_raw(prediction).rstrip()}")
+        print(f"# {path}\n{dsl.canonical(prediction).rstrip()}")
 
     if args.out:
         with open(args.out, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["image_path", "dsl", "valid"])
             for path, prediction in zip(paths, predictions):
-                writer.writerow([str(path), canonical_or_raw(prediction), dsl.is_valid(prediction)])
+                writer.writerow([str(path), dsl.canonical(prediction), dsl.is_valid(prediction)])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):

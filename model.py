@@ -379,6 +379,13 @@ def read_checkpoint_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
+def checkpoint_folders(run: str | Path) -> list[Path]:
+    """A run folder's checkpoints (epoch-NN, step-NNNNNNN), oldest first by training step.
+    finetune.py writes each whole or not at all, so one with a config.json is complete."""
+    found = [p for p in Path(run).glob("*") if p.name.startswith(("epoch-", "step-")) and (p / "config.json").is_file()]
+    return sorted(found, key=lambda p: (json.loads((p / "config.json").read_text())["step"], p.name))
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder itself, or a run folder's latest epoch (its latest step checkpoint
     when no epoch has ended yet)."""
@@ -387,10 +394,10 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: the folder does not exist")
-    for pattern in ("epoch-*", "step-*"):
-        found = sorted(p for p in path.glob(pattern) if (p / "config.json").is_file())
-        if found:
-            return found[-1]  # zero-padded numbers: the last is the latest
+    found = checkpoint_folders(path)
+    epochs = [p for p in found if p.name.startswith("epoch-")]
+    if found:
+        return (epochs or found)[-1]
     raise CheckpointError(f"no checkpoint in {path}: expected a config.json there, or epoch-*/step-* folders")
 
 

@@ -1,7 +1,6 @@
 """finetune.py and inference.py end to end on tiny models: checkpoints, resume, errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

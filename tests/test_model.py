@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from peft import PeftModel
+from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import dsl
@@ -151,8 +152,6 @@ def test_save_and_load_give_identical_outputs(tmp_path, tiny_llm, tiny_llm_untie
     reader = model.DiagramReader.build(config, vision.feature_shape)
     perturb(reader)
     reader.eval()
-    example_image = torch.zeros(1)  # placeholder, replaced below
-    from PIL import Image
     example_image = Image.new("RGB", (64, 64), "white")
     example_text = diagram_texts(1, seed=3)[0]
     reader.save(tmp_path, [(example_image, example_text)],
