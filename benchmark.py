@@ -46,7 +46,7 @@ def main():
     n_images = hp.num_shots + 1
 
     def batch():
-        texts = [[dsl.format(dsl.sample_diagram(rng)) for _ in range(n_images)] for _ in range(hp.batch_size)]
+        texts = [[dsl.to_text(dsl.sample_diagram(rng)) for _ in range(n_images)] for _ in range(hp.batch_size)]
         images = torch.randn(hp.batch_size, n_images, *feature_shape)
         b = reader.collate(images, [t[:-1] for t in texts], [t[-1] for t in texts])
         return {k: v.to(device) for k, v in b.items()}
@@ -73,7 +73,7 @@ def main():
     step_seconds = (time.perf_counter() - start) / steps
 
     reader.eval()
-    texts = [[dsl.format(dsl.sample_diagram(rng)) for _ in range(hp.num_shots)] for _ in range(hp.batch_size * 2)]
+    texts = [[dsl.to_text(dsl.sample_diagram(rng)) for _ in range(hp.num_shots)] for _ in range(hp.batch_size * 2)]
     images = torch.randn(len(texts), n_images, *feature_shape).to(device)
     with accelerator.autocast():
         reader.generate(images[:2], texts[:2])  # warm-up

@@ -71,7 +71,7 @@ def main(args: Arguments):
         for i in tqdm(range(args.num), desc="drawing", unit="img"):
             diagram = dsl.sample_diagram(rng)
             draw(diagram, args.size, rng).save(out / "images" / f"other_{i:05d}.png")
-            writer.writerow([f"images/other_{i:05d}.png", dsl.format(diagram)])
+            writer.writerow([f"images/other_{i:05d}.png", dsl.to_text(diagram)])
     print(f"wrote {args.num} images and {out / 'data.csv'}")
 
 

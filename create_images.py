@@ -1,4 +1,4 @@
-"""Generate the dataset: random diagrams, their images and DSL (SPEC.md's data files).
+"""Generate the dataset: random diagrams, their images and DSL (docs/SPEC.md's data files).
 
     python create_images.py [--num_samples 2000] [--num_test 200] [--out_dir .] [--seed 0] [--augment true]
 
@@ -64,7 +64,7 @@ def write_split(rows, csv_path: Path, args: Arguments):
             style = renderer.random_style(rng) if args.augment else renderer.NOMINAL
             relative = f"images/{name}"
             renderer.render(diagram, args.size, style, rng).save(csv_path.parent / relative)
-            writer.writerow([relative, dsl.format(diagram)])
+            writer.writerow([relative, dsl.to_text(diagram)])
 
 
 def check(args: Arguments) -> str | None:

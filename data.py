@@ -1,4 +1,4 @@
-"""Reading the data files of SPEC.md (`image_path,dsl` CSVs), checked before any model loads.
+"""Reading the data files of docs/SPEC.md (`image_path,dsl` CSVs), checked before any model loads.
 
 `read_dataset` checks the whole CSV first (columns, image files that decode, DSL that
 parses, duplicates) and reports every bad row at once, so that a typo in row 1,412
@@ -92,7 +92,7 @@ def read_dataset(csv_path: str | Path, skip_bad_rows: bool = False) -> tuple[lis
         problem = image_problem(path) if raw_path.strip() else "empty image_path"
         if problem is None:
             try:
-                text = dsl.format(dsl.parse(text))
+                text = dsl.to_text(dsl.parse(text))
             except dsl.DSLParseError as error:
                 problem = f"bad DSL: {error}"
         if problem is None and path in seen:

@@ -1,13 +1,13 @@
 """The diagram DSL: vocabulary, parser, canonical formatter, sampler and metrics.
 
-One source of truth for everything that reads or writes diagrams (see SPEC.md):
+One source of truth for everything that reads or writes diagrams (docs/SPEC.md):
 
     <StartDiagram>
       <Large> <Circle> <TopLeft>
       <Small> <Triangle> <BottomRight>
     <EndDiagram>
 
-`format(parse(text))` is the canonical text. The parser is lenient about
+`to_text(parse(text))` is the canonical text. The parser is lenient about
 whitespace (spaces, tabs, blank lines, CRLF, line breaks) and about the order of
 elements, and strict about everything else; its errors name the line and what
 was expected.
@@ -78,7 +78,7 @@ class DSLParseError(ValueError):
 
 # ---------------------------------------------------------------------------- formatting
 
-def format(diagram: Diagram) -> str:  # noqa: A001 - the SPEC's name for it
+def to_text(diagram: Diagram) -> str:
     """The canonical text of a diagram."""
     lines = [START] + [f"  <{e.size}> <{e.shape}> <{e.position}>" for e in diagram.elements] + [END]
     return "\n".join(lines) + "\n"
@@ -168,7 +168,33 @@ def is_valid(text: str) -> bool:
 def canonical(text: str) -> str:
     """The canonical form of a text that parses; any other text unchanged (a model's raw output)."""
     diagram = parse_or_none(text)
-    return format(diagram) if diagram is not None else text
+    return to_text(diagram) if diagram is not None else text
+
+
+def to_tags(diagram: Diagram) -> list[str]:
+    """The diagram as its tags alone, no whitespace: what the model reads and writes.
+    `"".join(to_tags(d))` parses back to d (the parser splits "<Large><Circle>")."""
+    return [START] + [f"<{part}>" for e in diagram.elements for part in (e.size, e.shape, e.position)] + [END]
+
+
+def next_tags(tags: list[str]) -> list[str]:
+    """The grammar, as the tags that may follow `tags` (a valid prefix of `to_tags` of some
+    diagram): what constrained decoding allows at each step. Positions come in canonical
+    order, so a position must be later than the previous element's, and a new element may
+    start only while a later position is still free."""
+    if not tags:
+        return [START]
+    kind = _KIND_OF_TAG.get(tags[-1])
+    positions = [POSITIONS.index(t[1:-1]) for t in tags if _KIND_OF_TAG.get(t) == "position"]
+    after = positions[-1] + 1 if positions else 0
+    if kind in ("start", "position"):
+        more = [f"<{s}>" for s in SIZES] if after < len(POSITIONS) else []
+        return more + ([END] if kind == "position" else [])
+    if kind == "size":
+        return [f"<{s}>" for s in SHAPES]
+    if kind == "shape":
+        return [f"<{p}>" for p in POSITIONS[after:]]
+    return []  # after <EndDiagram>: nothing
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -219,7 +245,7 @@ def _scores(pairs) -> dict:
     }
 
 
-def evaluate(predictions: list[str], references: list[str]) -> dict:
+def score(predictions: list[str], references: list[str]) -> dict:
     """SPEC's metrics for raw model outputs against reference DSL texts.
 
     Element precision/recall/F1 are micro-averaged over (size, shape, position)

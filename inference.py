@@ -1,10 +1,12 @@
 """Read diagrams with a fine-tuned checkpoint: write their DSL, and score it.
 
     python inference.py --checkpoint checkpoints example.png          # DSL of some images
-    python inference.py --checkpoint checkpoints --csv test.csv --eval # SPEC's metrics
-    python inference.py --checkpoint checkpoints/epoch-02 --csv test.csv --out predictions.csv --render renders
+    python inference.py --checkpoint checkpoints --csv test.csv --eval # the metrics of docs/SPEC.md
+    python inference.py --checkpoint checkpoints/epoch-01 --csv test.csv --out predictions.csv --render renders
 
---checkpoint takes a run folder (its latest epoch) or one checkpoint folder. With
+--checkpoint takes a run folder (its best checkpoint, else its latest epoch) or one
+checkpoint folder, and says which it took. Decoding follows the DSL's grammar, so every
+output is a valid diagram (--constrained false lets the model write anything). With
 --eval, the last line printed is one JSON object of the scores.
 """
 
@@ -13,47 +15,35 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+import checkpoint
 import data
 import dsl
+import hardware
 import renderer
-from model import DTYPES, CheckpointError, find_checkpoint, load_checkpoint, with_examples
+from model import CheckpointError, DiagramReader, _setting, llm_shape
 
 
 @dataclass
 class Arguments:
-    checkpoint: str = field(default="checkpoints", metadata={"help": "a run folder (latest epoch) or a checkpoint"})
-    csv: str = field(default="", metadata={"help": "a data CSV (image_path,dsl) to read; --eval scores it"})
-    eval: bool = field(default=False, metadata={"help": "score the predictions against the CSV's dsl column"})
-    out: str = field(default="", metadata={"help": "write predictions to this CSV"})
-    render: str = field(default="", metadata={"help": "write each input beside its re-rendered prediction here"})
-    llm: str = field(default="", metadata={"help": "load the base LLM from here instead (the same model, moved)"})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "read the good rows of a CSV with bad ones"})
-    batch_size: int = 16
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    device: str = "auto"  # auto: cuda when there is one
-
-
-def predict(reader, vision, examples, paths, batch_size, device) -> list[str]:
-    """Raw model outputs for image files."""
-    example_features = vision.encode([image for image, _ in examples]).to(device)
-    example_dsls = [text for _, text in examples]
-    predictions = []
-    with tqdm(total=len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            features = vision.encode(chunk).to(device)
-            predictions += reader.generate(with_examples(example_features, features), [example_dsls] * len(chunk))
-            bar.update(len(chunk))
-    return predictions
+    checkpoint: str = _setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
+    csv: str = _setting("", "a data CSV (image_path,dsl) to read; --eval scores it")
+    eval: bool = _setting(False, "score the predictions against the CSV's dsl column")
+    out: str = _setting("", "write predictions (with their confidence) to this CSV")
+    render: str = _setting("", "write each input beside its re-rendered prediction here")
+    llm: str = _setting("", "load the base LLM from here instead (the same model, moved)")
+    skip_bad_rows: bool = _setting(False, "read the good rows of a CSV with bad ones")
+    constrained: bool = _setting(True, "decode by the DSL's grammar: every output parses")
+    batch_size: int = _setting(32, "images decoded together")
+    device: str = _setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
+    dtype: str = _setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
 
 def render_side_by_side(image_path: Path, prediction: str, out_path: Path, size: int = 224):
@@ -77,6 +67,20 @@ def print_scores(scores: dict):
     print(json.dumps(scores))
 
 
+def load(args: Arguments) -> DiagramReader:
+    """The checkpoint --checkpoint names, on the device, in the dtype asked for (or measured)."""
+    folder, why = checkpoint.find(args.checkpoint)
+    print(f"checkpoint {folder} ({why})", file=sys.stderr)
+    device = hardware.pick_device(args.device)
+    if args.dtype == "auto" and device.type == "cpu":
+        saved = json.loads((folder / "config.json").read_text())
+        dtype, reason = hardware.choose_dtype("auto", device, *llm_shape(args.llm or saved["llm"]))
+    else:
+        dtype, reason = hardware.choose_dtype(args.dtype, device, 0, 0)
+    print(reason, file=sys.stderr)
+    return DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm).to(device).eval()
+
+
 def main(args: Arguments, image_args: list[str]) -> int:
     if args.eval and not args.csv:
         raise data.DataError("--eval needs --csv (a CSV with the reference dsl)")
@@ -98,30 +102,25 @@ def main(args: Arguments, image_args: list[str]) -> int:
             return 1
         raise data.DataError("nothing to read: give image files and/or --csv")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    folder = find_checkpoint(args.checkpoint)
-    print(f"checkpoint {folder}", file=sys.stderr)
-    reader, vision, examples = load_checkpoint(folder, DTYPES[args.dtype], args.llm)
-    reader.to(device).eval()
-    vision.to(device)
-
-    predictions = predict(reader, vision, examples, paths, args.batch_size, device)
-    for path, prediction in zip(paths, predictions):
-        print(f"# {path}\n{dsl.canonical(prediction).rstrip()}")
+    reader = load(args)
+    with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
+        features = reader.vision.encode(paths, progress=bar)
+        predictions, confidences = reader.read(features, args.batch_size, args.constrained, progress=bar)
+    for path, prediction, confidence in zip(paths, predictions, confidences):
+        print(f"# {path} (confidence {confidence:.3f})\n{dsl.canonical(prediction).rstrip()}")
 
     if args.out:
         with open(args.out, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image_path", "dsl", "valid"])
-            for path, prediction in zip(paths, predictions):
-                writer.writerow([str(path), dsl.canonical(prediction), dsl.is_valid(prediction)])
+            writer.writerow(["image_path", "dsl", "valid", "confidence"])
+            for path, prediction, confidence in zip(paths, predictions, confidences):
+                writer.writerow([str(path), dsl.canonical(prediction), dsl.is_valid(prediction), f"{confidence:.4f}"])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):
             render_side_by_side(path, prediction, Path(args.render) / f"{i:05d}_{path.stem}.png")
     if args.eval:
-        print_scores(dsl.evaluate(predictions[:len(rows)], [row.dsl for row in rows]))
+        print_scores(dsl.score(predictions[:len(rows)], [row.dsl for row in rows]))
     return 1 if failed else 0
 
 
@@ -131,6 +130,6 @@ if __name__ == "__main__":
     arguments, extra = parser.parse_args_into_dataclasses()
     try:
         sys.exit(main(arguments, extra.image_paths))
-    except (data.DataError, CheckpointError) as error:
+    except (data.DataError, CheckpointError, ValueError) as error:
         print(f"inference.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,16 +1,18 @@
 """The model: a frozen CLIP vision encoder, a projector, and a causal LM with LoRA.
 
-    image -> CLIP ViT (frozen) -> features [T, D] -> projector -> [T, hidden] -> LLM -> DSL text
+    image -> CLIP ViT (frozen) -> features [T, D] -> projector -> [T, hidden] -> LLM -> DSL tags
 
 The prompt, LLaVA-style, with `num_shots` solved examples before the target:
 
     <instruction> (<start_of_image> [T image embeddings] <end_of_image> <example DSL>)* <start_of_image> [T] <end_of_image>
 
-and the model continues with the target's DSL, up to <EndDiagram>. Training puts
-the loss on the target DSL only. What trains: the projector, the LoRA adapters
-and the embeddings of the new tokens (the 12 DSL tags and the two image markers).
+and the model continues with the target's DSL, up to <EndDiagram>. Training puts the
+loss on the target DSL only. What trains: the projector, the LoRA adapters and the
+embeddings of the new tokens (the 12 DSL tags and the two image markers); the vision
+encoder and the LLM's own weights stay frozen.
 
-Shared by finetune.py (builds and trains it) and inference.py (loads a checkpoint).
+`DiagramReader.save_pretrained` / `DiagramReader.from_pretrained` are the model's
+save/load pair; checkpoint.py adds what a training run keeps beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import importlib.resources
 import importlib.util
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import open_clip
@@ -29,7 +31,7 @@ from PIL import Image
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data
 import dsl
@@ -46,32 +48,47 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Every tag is one token, so all four-element diagrams are equally long: the longest.
 FULL_DIAGRAM = dsl.Diagram(tuple(dsl.Element("Large", "Circle", p) for p in dsl.POSITIONS))
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def _setting(default, help: str, **kwargs):
+    """A dataclass field with its one-line explanation (shown by --help)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class ModelConfig:
-    """Everything it takes to rebuild the model; saved with every checkpoint as config.json."""
+    """Everything it takes to rebuild the model: saved with every checkpoint as config.json.
+    The defaults are the embedded CPU configuration; configs/llama3-8b.yaml is the reference one."""
 
-    llm: str  # "smollm2", a hub id, a local folder, or a .gguf file
-    clip_model: str  # an open_clip architecture (ViT-B-32), or a .json file of one
-    clip_pretrained: str  # an open_clip tag (laion2b_s34b_b79k), a local checkpoint, or "none" (random)
-    clip_seed: int  # seeds the random CLIP weights when clip_pretrained is "none"
-    image_features: str  # "patches" (T = 49 tokens, LLaVA-style) or "pooled" (T = 1, the CLIP embedding)
-    clip_layer: int  # the transformer block whose patch tokens are used; -2 is LLaVA's penultimate
-    image_size: int  # CLIP's input side in pixels; 0 keeps the architecture's own (224 for ViT-B-32)
-    patch_merge: int  # k: each k x k block of patch tokens becomes one token (SmolVLM's pixel shuffle)
-    projector: str  # "mlp2x_gelu" (LLaVA's) or "linear"
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_target_modules: list[str]
-    num_shots: int  # solved examples in the prompt before the target image
-    instruction: str
+    llm: str = _setting(SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, a local folder "
+                                 "or a .gguf file")
+    clip_model: str = _setting("ViT-B-32", "an open_clip architecture, or a .json file of one")
+    clip_pretrained: str = _setting("none", "open_clip weights (laion2b_s34b_b79k), a local file, or none: "
+                                            "random weights (no hub here)")
+    clip_seed: int = _setting(0, "seeds the random CLIP weights when clip_pretrained is none")
+    image_features: str = _setting("patches", "patches: one block's patch tokens (LLaVA); pooled: the single "
+                                              "CLIP embedding (1 token)")
+    clip_layer: int = _setting(1, "the block whose patch tokens are read (-2: LLaVA's penultimate); with "
+                                  "random weights deeper blocks add cost, not information (probed)")
+    image_size: int = _setting(256, "CLIP's input side in pixels (0: the architecture's own, 224); 256 makes "
+                                    "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
+    patch_merge: int = _setting(2, "each k x k block of patch tokens becomes one token: k*k fewer image tokens")
+    projector: str = _setting("mlp2x_gelu", "mlp2x_gelu (LLaVA's 2-layer GELU MLP) or linear")
+    lora_r: int = _setting(8, "LoRA rank")
+    lora_alpha: int = _setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = _setting(0.1, "dropout on the LoRA input")
+    lora_target_modules: list[str] = _setting(["q_proj", "v_proj"], "the LLM's linear layers that get adapters")
+    num_shots: int = _setting(0, "solved examples (image and DSL) in the prompt before the target image")
+    instruction: str = _setting("Read the diagram.", "the prompt's text; short: every token costs time in "
+                                                     "every step")
+    target_format: str = _setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
+                                          "text: the canonical text, whitespace tokens included (27)")
 
     @classmethod
-    def from_hyperparameters(cls, hyperparameters) -> "ModelConfig":
-        return cls(**{name: getattr(hyperparameters, name) for name in cls.__dataclass_fields__})
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 # ---------------------------------------------------------------------------- vision
@@ -126,21 +143,30 @@ class VisionEncoder(nn.Module):
         return tokens.reshape(b, (g // k) ** 2, k * k * width)
 
     @torch.no_grad()
-    def encode(self, images: list[Image.Image | Path], batch_size: int = 32, progress=None) -> torch.Tensor:
-        """Features of images (PIL images or files, loaded a batch at a time), [N, T, D] float32 on the CPU."""
+    def encode(self, images: list[Image.Image | Path], batch_size: int = 64, progress=None) -> torch.Tensor:
+        """Features of images (PIL images or files), [N, T, D] float32 on the CPU. Files are
+        decoded and preprocessed by a pool of threads while the encoder runs (PIL releases
+        the GIL), a batch at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
         device = next(self.visual.parameters()).device
+
+        def pixels(image):
+            return self.preprocess(image.convert("RGB") if isinstance(image, Image.Image) else data.load_image(image))
+
         chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([self.preprocess(image.convert("RGB") if isinstance(image, Image.Image)
-                                                 else data.load_image(image))
-                                 for image in images[start:start + batch_size]])
-            chunks.append(self(batch.to(device)).float().cpu())
-            if progress is not None:
-                progress.update(len(batch))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            batches = [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
+            pending = pool.map(lambda batch: torch.stack(list(map(pixels, batch))), batches)
+            for batch in pending:
+                chunks.append(self(batch.to(device)).float().cpu())
+                if progress is not None:
+                    progress.update(len(batch))
         return torch.cat(chunks) if chunks else torch.zeros(0, *self.feature_shape)
 
-    def fingerprint(self) -> float:
-        return fingerprint(self.visual.parameters())
+    def facts(self) -> dict:
+        """What a checkpoint records to recognise these weights later."""
+        return {"clip_fingerprint": fingerprint(self.visual.parameters()), "feature_shape": list(self.feature_shape)}
 
 
 def fingerprint(tensors) -> float:
@@ -196,6 +222,23 @@ def _smollm2_path() -> Path:
     return Path(str(importlib.resources.files(importlib.util.module_from_spec(spec)) / SMOLLM2_GGUF))
 
 
+def _llm_location(name: str) -> tuple[str, dict]:
+    """(folder or hub id, extra from_pretrained arguments) of an --llm value."""
+    if name == SMOLLM2 or name.endswith(".gguf"):
+        path = _smollm2_path() if name == SMOLLM2 else Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
+
+
+def llm_shape(name: str) -> tuple[int, int]:
+    """(hidden size, MLP size) from the LLM's config alone, without loading its weights."""
+    location, extra = _llm_location(name)
+    config = AutoConfig.from_pretrained(location, **extra)
+    return config.hidden_size, config.intermediate_size
+
+
 def _words(token: str) -> str:
     """'<TopLeft>' -> ' top left', '<start_of_image>' -> ' start of image'."""
     name = token.strip("<>").replace("_", " ")
@@ -205,13 +248,7 @@ def _words(token: str) -> str:
 def load_llm(name: str, dtype: torch.dtype = torch.float32):
     """A causal LM and its tokenizer, with NEW_TOKENS added (one token each) and their
     embeddings initialised from the words they stand for ('<TopLeft>' from ' top left')."""
-    if name == SMOLLM2 or name.endswith(".gguf"):
-        path = _smollm2_path() if name == SMOLLM2 else Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"no GGUF file at {path}")
-        location, extra = str(path.parent), {"gguf_file": path.name}
-    else:
-        location, extra = name, {}
+    location, extra = _llm_location(name)
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
     if llm.dtype != dtype:  # GGUF files load as float32
@@ -240,37 +277,111 @@ def lora_config(config: ModelConfig, llm, new_token_ids: list[int]) -> LoraConfi
                       task_type="CAUSAL_LM")
 
 
+class CheckpointError(Exception):
+    """A checkpoint that is incomplete or was made for another model."""
+
+
+MODEL_FILES = ("config.json", "base_models.json", "projector.safetensors", "adapter/adapter_config.json",
+               "adapter/adapter_model.safetensors")
+FACT_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
+              "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
+
+
 # ---------------------------------------------------------------------------- the whole model
 
 class DiagramReader(nn.Module):
-    """Projector + LLM (with LoRA). The vision encoder stays outside: it is frozen, so
-    training computes its features once per image and feeds them in."""
+    """Vision encoder (frozen) + projector + LLM with LoRA, and the solved examples its
+    prompt shows. Training feeds cached vision features to `forward`; `read` takes images."""
 
-    def __init__(self, config: ModelConfig, llm, tokenizer, projector: Projector, llm_fingerprint: float):
+    def __init__(self, config: ModelConfig, vision: VisionEncoder, projector: Projector, llm, tokenizer,
+                 llm_fingerprint: float, examples: list[tuple[Image.Image, str]] = ()):
         super().__init__()
-        self.config, self.llm, self.tokenizer, self.projector = config, llm, tokenizer, projector
+        self.config, self.vision, self.projector, self.llm, self.tokenizer = config, vision, projector, llm, tokenizer
         self.llm_fingerprint = llm_fingerprint  # of the base LLM's input embeddings, new rows included
+        self.examples = list(examples)
         self.image_tokens = projector.feature_mean.shape[0]
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id, self.image_end_id, self.end_id = ids(IMAGE_START), ids(IMAGE_END), ids(dsl.END)
         self.instruction_ids = tokenizer(config.instruction).input_ids  # with BOS where the tokenizer adds one
-        self.max_dsl_tokens = len(self.dsl_ids(dsl.format(FULL_DIAGRAM)))
+        if config.target_format not in ("tags", "text"):
+            raise ValueError(f"target_format must be 'tags' or 'text', not {config.target_format!r}")
+        self.max_dsl_tokens = len(self.dsl_ids(dsl.to_text(FULL_DIAGRAM)))
 
     @classmethod
-    def build(cls, config: ModelConfig, feature_shape, dtype=torch.float32) -> "DiagramReader":
-        """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM."""
+    def build(cls, config: ModelConfig, dtype=torch.float32) -> "DiagramReader":
+        """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM.
+        The projector's feature statistics are set later, from the training images."""
+        vision = VisionEncoder(config)
         llm, tokenizer = load_llm(config.llm, dtype)
         base = fingerprint([llm.get_input_embeddings().weight])
-        new_ids = tokenizer.convert_tokens_to_ids(NEW_TOKENS)
-        llm = get_peft_model(llm, lora_config(config, llm, new_ids))
-        projector = Projector(config.projector, feature_shape, llm.config.hidden_size)
-        return cls(config, llm, tokenizer, projector, base)
+        llm = get_peft_model(llm, lora_config(config, llm, tokenizer.convert_tokens_to_ids(NEW_TOKENS)))
+        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
+        return cls(config, vision, projector, llm, tokenizer, base)
+
+    # -- checkpoints: the save/load pair
+
+    def save_pretrained(self, folder: str | Path):
+        """The adapter (PEFT's format), the projector (safetensors), the tokenizer, config.json
+        (ModelConfig), base_models.json (facts to recognise the base models by) and the
+        solved examples that the prompt shows."""
+        folder = Path(folder)
+        # The new tokens' rows travel as PEFT trainable tokens; the rest of the (resized) embedding
+        # matrices is the base model's, so PEFT must not save them whole (1 GB for Llama 3.1).
+        self.llm.save_pretrained(folder / "adapter", save_embedding_layers=False)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+                  folder / "projector.safetensors")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / "examples").mkdir(exist_ok=True)
+        for i, (image, text) in enumerate(self.examples):
+            image.save(folder / "examples" / f"{i}.png")
+            (folder / "examples" / f"{i}.dsl.txt").write_text(text)
+        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        facts = {**self.vision.facts(), "llm_hidden_size": self.llm.config.hidden_size,
+                 "vocab_size": len(self.tokenizer), "llm_fingerprint": self.llm_fingerprint}
+        (folder / "base_models.json").write_text(json.dumps(facts, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype=torch.float32, llm_name: str = "",
+                        trainable: bool = False) -> "DiagramReader":
+        """A saved model, for inference or (trainable) to resume training; `llm_name` loads
+        the base LLM from elsewhere than config.json says (the same model, moved). Refuses,
+        with a CheckpointError that says why, a checkpoint whose files are missing or whose
+        base LLM or CLIP cannot be loaded or differ from the ones it was trained with."""
+        folder = Path(folder)
+        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} is not a complete checkpoint: missing {', '.join(missing)}")
+        config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        saved = json.loads((folder / "base_models.json").read_text())
+        try:
+            vision = VisionEncoder(config)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"cannot load the CLIP this checkpoint was trained with "
+                                  f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
+        check_same_models(config, saved, vision.facts())
+        config.llm = llm_name or config.llm
+        try:
+            llm, tokenizer = load_llm(config.llm, dtype)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
+        base = fingerprint([llm.get_input_embeddings().weight])
+        check_same_models(config, saved, {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer),
+                                          "llm_fingerprint": base})
+        llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
+        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
+        projector.load_state_dict(load_file(folder / "projector.safetensors"))
+        examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
+                     (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
+        return cls(config, vision, projector, llm, tokenizer, base, examples)
 
     # -- prompts
 
     def dsl_ids(self, text: str) -> list[int]:
-        """The target tokens: the DSL up to and including <EndDiagram> (generation stops there)."""
-        return self.tokenizer(text.rstrip(), add_special_tokens=False).input_ids
+        """The target tokens of a diagram text, up to and including <EndDiagram> (generation
+        stops there): its tags alone, or its canonical text (target_format)."""
+        if self.config.target_format == "tags":
+            return self.tokenizer.convert_tokens_to_ids(dsl.to_tags(dsl.parse(text)))
+        return self.tokenizer(dsl.canonical(text).rstrip(), add_special_tokens=False).input_ids
 
     def image_ids(self) -> list[int]:
         return [self.image_start_id] + [IMAGE_SLOT] * self.image_tokens + [self.image_end_id]
@@ -320,21 +431,59 @@ class DiagramReader(nn.Module):
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, -(keep - 1):].flatten(),
                                ignore_index=IGNORE)
 
+    # -- generation: the one path that validation, inference and the benchmark share
+
+    def allowed_tokens(self, _batch_index: int, generated: torch.Tensor) -> list[int]:
+        """The DSL grammar (dsl.next_tags) as token ids: generation can only write valid DSL."""
+        tags = self.tokenizer.convert_ids_to_tokens(generated.tolist())
+        if dsl.END in tags:
+            return [self.end_id]  # finished: the row is padded from here on
+        return self.tokenizer.convert_tokens_to_ids(dsl.next_tags(tags))
+
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, example_dsls: list[list[str]]) -> list[str]:
-        """Greedy, batched, KV-cached decoding; returns the raw texts up to <EndDiagram>."""
+    def generate(self, images: torch.Tensor, example_dsls: list[list[str]],
+                 constrained: bool = True) -> tuple[list[str], list[float]]:
+        """Greedy, batched, KV-cached decoding of image features [B, shots + 1, T, D].
+        Returns the raw texts up to <EndDiagram> and each one's confidence: the lowest
+        probability the model gave to a token it chose. `constrained` (tags format only)
+        lets the grammar decide which tokens may come next."""
         batch = self.collate(images, example_dsls)
         device = self.projector.feature_mean.device
         embeddings = self.embed(batch["input_ids"].to(device), batch["images"].to(device))
+        grammar = self.allowed_tokens if constrained and self.config.target_format == "tags" else None
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=self.max_dsl_tokens + 8, do_sample=False, num_beams=1,
-                                eos_token_id=self.end_id, pad_token_id=self.tokenizer.pad_token_id)
-        texts = []
-        for row in out.tolist():
-            if self.end_id in row:
-                row = row[:row.index(self.end_id) + 1]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=False))
-        return texts
+                                max_new_tokens=self.max_dsl_tokens + 8,
+                                do_sample=False, num_beams=1, eos_token_id=self.end_id,
+                                pad_token_id=self.tokenizer.pad_token_id, prefix_allowed_tokens_fn=grammar,
+                                output_logits=True, return_dict_in_generate=True)
+        chosen = out.sequences[:, -len(out.logits):]
+        # Probabilities over the whole vocabulary, before the grammar's mask: how sure the model is.
+        probabilities = torch.stack(out.logits, dim=1).float().softmax(-1).gather(-1, chosen[..., None])[..., 0]
+        texts, confidences = [], []
+        for row, row_probabilities in zip(chosen.tolist(), probabilities.tolist()):
+            length = row.index(self.end_id) + 1 if self.end_id in row else len(row)
+            texts.append(self.tokenizer.decode(row[:length], skip_special_tokens=False))
+            confidences.append(min(row_probabilities[:length]))
+        return texts, confidences
+
+    @torch.no_grad()
+    def read(self, features: torch.Tensor, batch_size: int = 32, constrained: bool = True,
+             progress=None) -> tuple[list[str], list[float]]:
+        """Raw DSL and confidence for the images whose vision features are `features` [N, T, D],
+        each after the model's solved examples."""
+        self.eval()
+        example_dsls = [text for _, text in self.examples]
+        example_features = self.vision.encode([image for image, _ in self.examples]) if self.examples else None
+        texts, confidences = [], []
+        for start in range(0, len(features), batch_size):
+            chunk = features[start:start + batch_size]
+            images = with_examples(example_features, chunk) if example_features is not None else chunk[:, None]
+            batch_texts, batch_confidences = self.generate(images, [example_dsls] * len(chunk), constrained)
+            texts += batch_texts
+            confidences += batch_confidences
+            if progress is not None:
+                progress.update(len(chunk))
+        return texts, confidences
 
     def trainable_parameters(self):
         """(LoRA weights, projector and new-token embeddings): the two learning-rate groups."""
@@ -342,102 +491,9 @@ class DiagramReader(nn.Module):
         rest = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" not in n]
         return lora, rest + list(self.projector.parameters())
 
-    # -- checkpoints
 
-    def save(self, folder: Path, examples: list[tuple[Image.Image, str]], metadata: dict):
-        """The adapter (PEFT's format), the projector (safetensors), the tokenizer, config.json,
-        and the solved examples that inference puts in the prompt."""
-        folder = Path(folder)
-        # The new tokens' rows travel as PEFT trainable tokens; the rest of the (resized) embedding
-        # matrices is the base model's, so PEFT must not save them whole (1 GB for Llama 3.1).
-        self.llm.save_pretrained(folder / "adapter", save_embedding_layers=False)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()},
-                  folder / "projector.safetensors")
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        (folder / "examples").mkdir(exist_ok=True)
-        for i, (image, text) in enumerate(examples):
-            image.save(folder / "examples" / f"{i}.png")
-            (folder / "examples" / f"{i}.dsl.txt").write_text(text)
-        config = {"model": asdict(self.config), "llm_hidden_size": self.llm.config.hidden_size,
-                  "vocab_size": len(self.tokenizer), "llm_fingerprint": self.llm_fingerprint, **metadata}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is incomplete or was made for another model."""
-
-
-CHECKPOINT_FILES = ("config.json", "projector.safetensors", "adapter/adapter_config.json",
-                    "adapter/adapter_model.safetensors")
-
-
-def read_checkpoint_config(folder: Path) -> dict:
-    folder = Path(folder)
-    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete checkpoint: missing {', '.join(missing)}")
-    return json.loads((folder / "config.json").read_text())
-
-
-def checkpoint_folders(run: str | Path) -> list[Path]:
-    """A run folder's checkpoints (epoch-NN, step-NNNNNNN), oldest first by training step.
-    finetune.py writes each whole or not at all, so one with a config.json is complete."""
-    found = [p for p in Path(run).glob("*") if p.name.startswith(("epoch-", "step-")) and (p / "config.json").is_file()]
-    return sorted(found, key=lambda p: (json.loads((p / "config.json").read_text())["step"], p.name))
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or a run folder's latest epoch (its latest step checkpoint
-    when no epoch has ended yet)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: the folder does not exist")
-    found = checkpoint_folders(path)
-    epochs = [p for p in found if p.name.startswith("epoch-")]
-    if found:
-        return (epochs or found)[-1]
-    raise CheckpointError(f"no checkpoint in {path}: expected a config.json there, or epoch-*/step-* folders")
-
-
-def load_checkpoint(folder: Path, dtype=torch.float32, llm_name: str = ""):
-    """(DiagramReader, VisionEncoder, solved examples) from a checkpoint folder; `llm_name`
-    loads the base LLM from elsewhere than the checkpoint says (the same model, moved).
-    Refuses, with a CheckpointError that says why, a checkpoint whose files are missing or
-    whose base LLM or CLIP cannot be loaded or differ from the ones it was trained with."""
-    folder = Path(folder)
-    saved = read_checkpoint_config(folder)
-    config = ModelConfig(**saved["model"])
-    try:
-        vision = VisionEncoder(config)
-    except (OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"cannot load the CLIP this checkpoint was trained with "
-                              f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
-    check_same_model(saved, {"clip_fingerprint": vision.fingerprint(), "feature_shape": list(vision.feature_shape)})
-    config.llm = llm_name or config.llm
-    try:
-        llm, tokenizer = load_llm(config.llm, dtype)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
-    base = fingerprint([llm.get_input_embeddings().weight])
-    check_same_model(saved, {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer),
-                             "llm_fingerprint": base})
-    llm = PeftModel.from_pretrained(llm, folder / "adapter")
-    projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
-    projector.load_state_dict(load_file(folder / "projector.safetensors"))
-    examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
-                 (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
-    return DiagramReader(config, llm, tokenizer, projector, base), vision, examples
-
-
-_WHAT = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
-         "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
-
-
-def check_same_model(saved: dict, actual: dict):
+def check_same_models(config: ModelConfig, saved: dict, actual: dict):
     """Compare the facts a checkpoint recorded about its base models with the ones loaded now."""
-    model = saved["model"]
     for key, value in actual.items():
         if key not in saved:
             continue  # a fact this checkpoint did not record
@@ -445,9 +501,9 @@ def check_same_model(saved: dict, actual: dict):
         # Checksums: loose enough for the same weights in another precision (bf16 vs fp32).
         same = (abs(expected - value) <= 1e-4 * abs(expected) if isinstance(value, float) else expected == value)
         if not same:
-            source = (f"CLIP {model['clip_model']} / {model['clip_pretrained']}" if key in ("clip_fingerprint", "feature_shape")
-                      else f"the LLM {model['llm']}")
-            raise CheckpointError(f"this checkpoint was made for another base model: its {_WHAT[key]} is "
+            source = (f"CLIP {config.clip_model} / {config.clip_pretrained}" if key in ("clip_fingerprint", "feature_shape")
+                      else f"the LLM {config.llm}")
+            raise CheckpointError(f"this checkpoint was made for another base model: its {FACT_NAMES[key]} is "
                                   f"{expected}, but {source} as loaded here has {value}")
 
 

@@ -1,4 +1,4 @@
-"""Draw a diagram as an image, inside SPEC.md's rendering envelope.
+"""Draw a diagram as an image, inside docs/SPEC.md's rendering envelope.
 
     python renderer.py example.dsl.txt -o example.png [--size 224]
     echo "<StartDiagram> <Large> <Circle> <TopLeft> <EndDiagram>" | python renderer.py - -o x.png

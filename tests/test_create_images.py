@@ -1,4 +1,4 @@
-"""create_images.py writes SPEC.md's data files: reproducible, canonical, held-out test diagrams."""
+"""create_images.py writes docs/SPEC.md's data files: reproducible, canonical, held-out test diagrams."""
 
 import csv
 import subprocess
@@ -47,7 +47,7 @@ def test_files_follow_the_spec(two_runs):
     assert len(train) == 40 and len(test) == 10
     assert list(train[0]) == ["image_path", "dsl"]
     for row in train + test:
-        assert dsl.format(dsl.parse(row["dsl"])) == row["dsl"], "every dsl cell is canonical"
+        assert dsl.to_text(dsl.parse(row["dsl"])) == row["dsl"], "every dsl cell is canonical"
         image = Image.open(out / row["image_path"])
         assert image.size == (224, 224)
     test_diagrams = [row["dsl"] for row in test]

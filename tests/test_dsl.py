@@ -1,4 +1,4 @@
-"""The DSL contract of SPEC.md: canonical text, lenient whitespace, strict content, metrics."""
+"""The DSL contract of docs/SPEC.md: canonical text, lenient whitespace, strict content, metrics."""
 
 import random
 
@@ -20,16 +20,16 @@ def test_vocabulary_and_counts():
 
 def test_every_diagram_round_trips():
     for diagram in ALL:
-        text = dsl.format(diagram)
+        text = dsl.to_text(diagram)
         assert dsl.parse(text) == diagram
-        assert dsl.format(dsl.parse(text)) == text
+        assert dsl.to_text(dsl.parse(text)) == text
 
 
 def test_canonical_text_matches_spec():
     diagram = dsl.Diagram((dsl.Element("Small", "Triangle", "BottomLeft"),
                            dsl.Element("Medium", "Square", "TopRight"),
                            dsl.Element("Large", "Circle", "TopLeft")))
-    assert dsl.format(diagram) == ("<StartDiagram>\n"
+    assert dsl.to_text(diagram) == ("<StartDiagram>\n"
                                    "  <Large> <Circle> <TopLeft>\n"
                                    "  <Medium> <Square> <TopRight>\n"
                                    "  <Small> <Triangle> <BottomLeft>\n"
@@ -42,7 +42,7 @@ def test_parser_is_lenient_about_whitespace_and_order(diagram, rnd, indent, gap,
     rnd.shuffle(lines)
     text = newline.join([gap + dsl.START] + lines + [dsl.END + gap])
     assert dsl.parse(text) == diagram
-    assert dsl.format(dsl.parse(text)) == dsl.format(diagram)
+    assert dsl.to_text(dsl.parse(text)) == dsl.to_text(diagram)
 
 
 BAD_LINES = {
@@ -57,7 +57,7 @@ BAD_LINES = {
 @settings(max_examples=60)
 @given(diagrams, st.sampled_from(sorted(BAD_LINES)), st.data())
 def test_parser_names_the_line_of_a_bad_element(diagram, kind, data):
-    lines = dsl.format(diagram).splitlines()
+    lines = dsl.to_text(diagram).splitlines()
     where = data.draw(st.integers(1, len(lines) - 1), label="insert before line")
     lines.insert(where, BAD_LINES[kind])
     with pytest.raises(dsl.DSLParseError) as error:
@@ -69,7 +69,7 @@ def test_parser_names_the_line_of_a_bad_element(diagram, kind, data):
 
 @given(diagrams)
 def test_two_elements_at_one_position_is_an_error(diagram):
-    lines = dsl.format(diagram).splitlines()
+    lines = dsl.to_text(diagram).splitlines()
     first = diagram.elements[0]
     lines.insert(len(lines) - 1, f"  <Small> <Square> <{first.position}>")
     with pytest.raises(dsl.DSLParseError, match=rf"line {len(lines) - 1}: two elements at <{first.position}>"):
@@ -102,11 +102,11 @@ def test_sampler_covers_every_element_count():
 
 
 def test_metrics():
-    reference = dsl.format(dsl.Diagram((dsl.Element("Large", "Circle", "TopLeft"),
+    reference = dsl.to_text(dsl.Diagram((dsl.Element("Large", "Circle", "TopLeft"),
                                         dsl.Element("Small", "Square", "BottomRight"))))
     one_wrong = reference.replace("<Small> <Square>", "<Small> <Triangle>")
-    single = dsl.format(dsl.Diagram((dsl.Element("Medium", "Triangle", "TopRight"),)))
-    scores = dsl.evaluate([reference, one_wrong, "not a diagram", single], [reference, reference, reference, single])
+    single = dsl.to_text(dsl.Diagram((dsl.Element("Medium", "Triangle", "TopRight"),)))
+    scores = dsl.score([reference, one_wrong, "not a diagram", single], [reference, reference, reference, single])
     assert scores["n"] == 4
     assert scores["exact_match"] == 0.5
     assert scores["valid_rate"] == 0.75

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import finetune
 import model
 from conftest import ROOT
@@ -50,8 +51,9 @@ def test_run_writes_epoch_and_step_checkpoints_in_peft_and_safetensors_format(tr
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "projector.safetensors",
                  "tokenizer/tokenizer_config.json", "config.json", "training_state.pt", "examples/0.png"):
         assert (trained_run / "epoch-02" / name).is_file(), name
-    saved = json.loads((trained_run / "epoch-02" / "config.json").read_text())
-    assert saved["step"] == 10 and saved["model"]["num_shots"] == 1
+    saved = json.loads((trained_run / "epoch-02" / "state.json").read_text())
+    config = json.loads((trained_run / "epoch-02" / "config.json").read_text())  # the model's settings
+    assert saved["step"] == 10 and config["num_shots"] == 1
     log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
     assert [r["eval"]["step"] for r in log if "eval" in r] == [5, 10]  # validation at each epoch end
@@ -60,7 +62,7 @@ def test_run_writes_epoch_and_step_checkpoints_in_peft_and_safetensors_format(tr
 def test_a_new_run_does_not_overwrite_an_old_one(trained_run, tiny_llm, tiny_clip, tiny_dataset):
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, trained_run))
     assert result.returncode == 2 and "already holds a run" in result.stderr and "--resume auto" in result.stderr
-    assert json.loads((trained_run / "epoch-02" / "config.json").read_text())["step"] == 10
+    assert json.loads((trained_run / "epoch-02" / "state.json").read_text())["step"] == 10
 
 
 def test_inference_evaluates_a_csv_and_ends_with_json(trained_run, tiny_dataset, tmp_path):
@@ -130,23 +132,23 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_whole(trained_run,
     import shutil
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    before = finetune.checkpoint_folders(run_dir)[-1]
-    reader, _, examples = model.load_checkpoint(before)
-    saved = json.loads((before / "config.json").read_text())
+    before = checkpoint.folders(run_dir)[-1]
+    reader = model.DiagramReader.from_pretrained(before)
+    saved = json.loads((before / "state.json").read_text())
 
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated crash in the middle of a save)")
 
     monkeypatch.setattr(torch, "save", crash)  # the adapter and projector are written, then the crash
     with pytest.raises(OSError):
-        finetune.save_checkpoint(run_dir / "epoch-02", reader, examples, {**saved, "step": 99}, {})
-    assert finetune.checkpoint_folders(run_dir)[-1] == before
-    assert json.loads((before / "config.json").read_text())["step"] == saved["step"]
-    assert model.find_checkpoint(run_dir) == run_dir / "epoch-02"
-    model.load_checkpoint(run_dir / "epoch-02")  # still loads
+        checkpoint.save(run_dir, "epoch-02", reader, {**saved, "step": 99}, {})
+    assert checkpoint.folders(run_dir)[-1] == before
+    assert json.loads((before / "state.json").read_text())["step"] == saved["step"]
+    assert checkpoint.find(run_dir)[0] == run_dir / "epoch-02"
+    model.DiagramReader.from_pretrained(run_dir / "epoch-02")  # still loads
     monkeypatch.undo()
-    finetune.save_checkpoint(run_dir / "epoch-02", reader, examples, {**saved, "step": 99}, {"x": 1})
-    assert json.loads((run_dir / "epoch-02" / "config.json").read_text())["step"] == 99
+    checkpoint.save(run_dir, "epoch-02", reader, {**saved, "step": 99}, {"x": 1})
+    assert json.loads((run_dir / "epoch-02" / "state.json").read_text())["step"] == 99
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
 
 
@@ -174,20 +176,21 @@ def test_ctrl_c_saves_a_step_checkpoint(tiny_llm, tiny_clip, tiny_dataset, tmp_p
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "--resume auto" in stderr and "Traceback" not in stderr
-    saved = finetune.checkpoint_folders(tmp_path)
+    saved = checkpoint.folders(tmp_path)
     assert saved
-    step = json.loads((saved[-1] / "config.json").read_text())["step"]
+    step = json.loads((saved[-1] / "state.json").read_text())["step"]
     assert step == len(losses(tmp_path)) >= 2
 
 
 def test_reference_configuration_parses_and_is_wired(tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path):
-    hp = finetune.parse_hyperparameters([str(ROOT / "configs/llama3-8b.yaml")])
-    assert (hp.llm, hp.clip_pretrained, hp.dtype, hp.mixed_precision) == (
+    config, train = finetune.parse_configs([str(ROOT / "configs/llama3-8b.yaml")])
+    assert (config.llm, config.clip_pretrained, train.dtype, train.mixed_precision) == (
         "meta-llama/Llama-3.1-8B", "laion2b_s34b_b79k", "float16", "fp16")
-    assert (hp.batch_size, hp.epochs, hp.lr, hp.num_shots) == (4, 10, 5e-5, 1)
-    assert (hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules) == (8, 32, 0.1, ["q_proj", "v_proj"])
-    overridden = finetune.parse_hyperparameters([str(ROOT / "configs/llama3-8b.yaml"), "--epochs", "2"])
-    assert overridden.epochs == 2 and overridden.llm == hp.llm
+    assert (train.batch_size, train.epochs, train.lr, config.num_shots) == (4, 10, 5e-5, 1)
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) == (
+        8, 32, 0.1, ["q_proj", "v_proj"])
+    overridden_config, overridden = finetune.parse_configs([str(ROOT / "configs/llama3-8b.yaml"), "--epochs", "2"])
+    assert overridden.epochs == 2 and overridden_config.llm == config.llm
     help_text = run_script("finetune.py", str(ROOT / "configs/llama3-8b.yaml"), "--help")
     assert help_text.returncode == 0 and "meta-llama/Llama-3.1-8B" in help_text.stdout
     # The reference path (1 shot, untied embeddings, batch 4) on a tiny Llama; FP16 needs a GPU, so FP32 here.
@@ -195,7 +198,7 @@ def test_reference_configuration_parses_and_is_wired(tiny_llm_untied, tiny_clip,
                         *tiny_args(tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path, "--epochs", "1",
                                    "--clip_pretrained", "none", "--mixed_precision", "no"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "epoch-01" / "config.json").read_text())["model"]["num_shots"] == 1
+    assert json.loads((tmp_path / "epoch-01" / "config.json").read_text())["num_shots"] == 1
 
 
 def test_unknown_key_in_a_config_file_is_an_error(tmp_path):

@@ -18,16 +18,15 @@ T = 16  # patch tokens of the tiny ViT: (64 / 16) ** 2
 
 def diagram_texts(n, seed=0):
     rng = random.Random(seed)
-    return [dsl.format(dsl.sample_diagram(rng)) for _ in range(n)]
+    return [dsl.to_text(dsl.sample_diagram(rng)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def reader(tiny_llm, tiny_clip):
     torch.manual_seed(0)
     config = tiny_config(tiny_llm, tiny_clip, num_shots=1)
-    vision = model.VisionEncoder(config)
-    assert vision.feature_shape == (T, 64)
-    r = model.DiagramReader.build(config, vision.feature_shape)
+    r = model.DiagramReader.build(config)
+    assert r.vision.feature_shape == (T, 64)
     with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
         for name, p in r.llm.named_parameters():
             if "lora_B" in name:
@@ -129,8 +128,8 @@ def test_batched_generation_equals_one_at_a_time(reader):
     images = torch.randn(4, 2, T, 64)
     # Different example lengths make the prompts differ in length: real left padding.
     examples = [[texts[0]], [texts[1]], [texts[2]], [texts[3]]]
-    batched = reader.generate(images, examples)
-    single = [reader.generate(images[i:i + 1], examples[i:i + 1])[0] for i in range(4)]
+    batched = reader.generate(images, examples)[0]
+    single = [reader.generate(images[i:i + 1], examples[i:i + 1])[0][0] for i in range(4)]
     assert batched == single
     assert len(set(batched)) > 1  # the image and example matter
 
@@ -148,15 +147,16 @@ def perturb(reader, seed=1):
 @pytest.mark.parametrize("untied", [False, True])
 def test_save_and_load_give_identical_outputs(tmp_path, tiny_llm, tiny_llm_untied, tiny_clip, untied):
     config = tiny_config(tiny_llm_untied if untied else tiny_llm, tiny_clip, num_shots=1)
-    vision = model.VisionEncoder(config)
-    reader = model.DiagramReader.build(config, vision.feature_shape)
+    reader = model.DiagramReader.build(config)
+    vision = reader.vision
     perturb(reader)
     reader.eval()
     example_image = Image.new("RGB", (64, 64), "white")
     example_text = diagram_texts(1, seed=3)[0]
-    reader.save(tmp_path, [(example_image, example_text)],
-                {"clip_fingerprint": vision.fingerprint(), "feature_shape": list(vision.feature_shape)})
-    loaded, loaded_vision, examples = model.load_checkpoint(tmp_path)
+    reader.examples = [(example_image, example_text)]
+    reader.save_pretrained(tmp_path)
+    loaded = model.DiagramReader.from_pretrained(tmp_path)
+    loaded_vision, examples = loaded.vision, loaded.examples
     loaded.eval()
     assert examples[0][1] == example_text
     pixels = torch.rand(3, 3, 64, 64)
@@ -167,13 +167,14 @@ def test_save_and_load_give_identical_outputs(tmp_path, tiny_llm, tiny_llm_untie
     with torch.no_grad():
         assert torch.allclose(reader(**batch), loaded(**batch), atol=1e-6)
     assert reader.generate(images, [[t] for t in texts[:3]]) == loaded.generate(images, [[t] for t in texts[:3]])
+    assert reader.read(images[:, 1]) == loaded.read(images[:, 1])  # with the saved example in the prompt
 
 
 def test_adapter_folder_loads_with_plain_peft_onto_a_resized_base(tmp_path, tiny_llm_untied, tiny_clip):
     config = tiny_config(tiny_llm_untied, tiny_clip)
-    reader = model.DiagramReader.build(config, (T, 64))
+    reader = model.DiagramReader.build(config)
     perturb(reader)
-    reader.save(tmp_path, [], {})
+    reader.save_pretrained(tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000  # no whole embeddings
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_untied)
@@ -190,7 +191,7 @@ def test_adapter_folder_loads_with_plain_peft_onto_a_resized_base(tmp_path, tiny
 
 def test_untied_models_train_the_output_rows_of_new_tokens(tiny_llm_untied, tiny_clip):
     config = tiny_config(tiny_llm_untied, tiny_clip)
-    reader = model.DiagramReader.build(config, (T, 64))
+    reader = model.DiagramReader.build(config)
     names = [n for n, p in reader.llm.named_parameters() if p.requires_grad]
     assert any("lm_head" in n for n in names) and any("embed_tokens" in n for n in names)
     assert any("lora_A" in n for n in names)
@@ -199,25 +200,26 @@ def test_untied_models_train_the_output_rows_of_new_tokens(tiny_llm_untied, tiny
 def test_checkpoint_for_another_model_is_refused(tmp_path, tiny_llm, tiny_llm_untied, tiny_clip):
     import json
     config = tiny_config(tiny_llm, tiny_clip)
-    vision = model.VisionEncoder(config)
-    reader = model.DiagramReader.build(config, vision.feature_shape)
-    reader.save(tmp_path, [], {"clip_fingerprint": vision.fingerprint(), "feature_shape": list(vision.feature_shape)})
+    reader = model.DiagramReader.build(config)
+    reader.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    saved["model"]["clip_seed"] = 1  # other random CLIP weights than the ones it was trained on
+    facts = json.loads((tmp_path / "base_models.json").read_text())
+    saved["clip_seed"] = 1  # other random CLIP weights than the ones it was trained on
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(model.CheckpointError, match="CLIP weights"):
-        model.load_checkpoint(tmp_path)
-    saved["model"]["clip_seed"] = 0
-    saved["llm_hidden_size"] = 4096
+        model.DiagramReader.from_pretrained(tmp_path)
+    saved["clip_seed"] = 0
+    facts["llm_hidden_size"] = 4096
     (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "base_models.json").write_text(json.dumps(facts))
     with pytest.raises(model.CheckpointError, match="LLM hidden size is 4096"):
-        model.load_checkpoint(tmp_path)
-    saved["llm_hidden_size"] = 64
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+        model.DiagramReader.from_pretrained(tmp_path)
+    facts["llm_hidden_size"] = 64
+    (tmp_path / "base_models.json").write_text(json.dumps(facts))
     with pytest.raises(model.CheckpointError, match="LLM weights"):  # same shapes, other weights
-        model.load_checkpoint(tmp_path, llm_name=tiny_llm_untied)
+        model.DiagramReader.from_pretrained(tmp_path, llm_name=tiny_llm_untied)
     with pytest.raises(model.CheckpointError, match="cannot load the base LLM"):
-        model.load_checkpoint(tmp_path, llm_name=str(tmp_path / "no-such-model"))
+        model.DiagramReader.from_pretrained(tmp_path, llm_name=str(tmp_path / "no-such-model"))
     (tmp_path / "projector.safetensors").unlink()
     with pytest.raises(model.CheckpointError, match="missing projector.safetensors"):
-        model.load_checkpoint(tmp_path)
+        model.DiagramReader.from_pretrained(tmp_path)

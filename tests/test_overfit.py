@@ -15,13 +15,13 @@ from conftest import tiny_config
 def test_memorises_four_diagrams(tiny_llm_for_learning, tiny_clip):
     torch.manual_seed(0)
     config = tiny_config(tiny_llm_for_learning, tiny_clip, lora_dropout=0.0)
-    vision = model.VisionEncoder(config)
+    reader = model.DiagramReader.build(config)
+    vision = reader.vision
     rng = random.Random(0)
     diagrams = [dsl.sample_diagram(rng, num_elements=k) for k in (1, 2, 3, 4)]
-    texts = [dsl.format(d) for d in diagrams]
+    texts = [dsl.to_text(d) for d in diagrams]
     features = vision.encode([renderer.render(d, 64) for d in diagrams])[:, None]  # [4, 1 image, T, D]
 
-    reader = model.DiagramReader.build(config, vision.feature_shape)
     reader.projector.set_feature_statistics(features[:, 0])
     lora, rest = reader.trainable_parameters()
     before = {id(p): p.detach().clone() for p in lora + rest}
@@ -36,7 +36,7 @@ def test_memorises_four_diagrams(tiny_llm_for_learning, tiny_clip):
         optimizer.zero_grad()
         if step % 25 == 0:
             reader.eval()
-            predictions = reader.generate(features, [[]] * 4)
+            predictions, _ = reader.generate(features, [[]] * 4)
             if [dsl.is_valid(p) and dsl.parse(p) == d for p, d in zip(predictions, diagrams)] == [True] * 4:
                 break
     else:

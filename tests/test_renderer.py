@@ -1,4 +1,4 @@
-"""Rendered pixels land where SPEC.md's envelope says: the right quadrant, the right size band."""
+"""Rendered pixels land where docs/SPEC.md's envelope says: the right quadrant, the right size band."""
 
 import random
 import subprocess

@@ -33,5 +33,5 @@ def test_new_tokens_are_single_tied_and_initialised_from_their_words(smollm2):
         assert len(ids) == 1
         words = tokenizer(model._words(token), add_special_tokens=False).input_ids
         assert torch.allclose(embeddings[ids[0]], embeddings[words].mean(0))
-    text = dsl.format(dsl.parse("<StartDiagram> <Medium> <Triangle> <TopLeft> <Small> <Square> <BottomRight> <EndDiagram>"))
+    text = dsl.to_text(dsl.parse("<StartDiagram> <Medium> <Triangle> <TopLeft> <Small> <Square> <BottomRight> <EndDiagram>"))
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text

@@ -1,0 +1,110 @@
+"""What this machine is, and which precision is fast on it, by measurement.
+
+CPUs differ more than their names say: on an AMD EPYC with AVX2 only a bfloat16 matmul
+is emulated and runs ~90x slower than float32; on a CPU with AVX-512-BF16 or AMX it runs
+several times faster. So `--dtype auto` times one matmul of the model's own shape in each
+candidate precision at start-up and takes the fastest.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The flags that decide matmul speed on x86 CPUs, as /proc/cpuinfo names them.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# bfloat16 must beat float32 by this much to be chosen: it costs precision.
+BF16_MARGIN = 1.25
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def cpu_flags() -> list[str]:
+    """Which of CPU_FLAGS this CPU has (Linux; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    for line in cpuinfo.read_text(errors="ignore").splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in CPU_FLAGS if flag in present]
+    return []
+
+
+def describe(device: torch.device) -> str:
+    """One line: the GPU and its memory, or the CPU, its threads and its matmul flags."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
+    name = platform.processor() or platform.machine()
+    for line in (Path("/proc/cpuinfo").read_text(errors="ignore").splitlines()
+                 if Path("/proc/cpuinfo").is_file() else []):
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    flags = " ".join(cpu_flags()) or "none of " + "/".join(CPU_FLAGS)
+    return (f"CPU {name}, {torch.get_num_threads()} threads, flags: {flags} "
+            f"(torch kernels: {torch.backends.cpu.get_cpu_capability()})")
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device,
+                  seconds: float = 0.05) -> float:
+    """GFLOP/s of an [m, k] @ [k, n] matmul: one warm-up, then repeats for about `seconds`
+    (at least one, however slow)."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    synchronize(device)
+    start, repeats = time.perf_counter(), 0
+    while repeats == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        repeats += 1
+        synchronize(device)
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
+def choose_dtype(requested: str, device: torch.device, hidden_size: int, intermediate_size: int,
+                 tokens: int = 128) -> tuple[str, str]:
+    """(dtype name, a line saying why). `requested` other than "auto" is obeyed as it is.
+
+    On CUDA: bfloat16 where the GPU supports it, else float16 (trained with a gradient
+    scaler). On a CPU: float32 or bfloat16, whichever multiplies a [tokens, hidden] by a
+    [hidden, intermediate] matrix (the LLM's MLP) faster, bfloat16 by at least BF16_MARGIN.
+    """
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, not {requested!r}")
+        return requested, f"dtype {requested} (as asked)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "dtype auto: bfloat16 (this GPU supports it)"
+        return "float16", "dtype auto: float16 with a gradient scaler (this GPU has no bfloat16)"
+    if device.type != "cpu":
+        return "float32", f"dtype auto: float32 (on {device.type})"
+    speed = {name: matmul_gflops(DTYPES[name], tokens, hidden_size, intermediate_size, device)
+             for name in ("float32", "bfloat16")}
+    chosen = "bfloat16" if speed["bfloat16"] >= BF16_MARGIN * speed["float32"] else "float32"
+    figures = ", ".join(f"{name} {gflops:.1f} GFLOP/s" for name, gflops in speed.items())
+    return chosen, f"dtype auto: {chosen} ({figures}, measured on a {tokens}x{hidden_size} @ " \
+                   f"{hidden_size}x{intermediate_size} matmul)"
+
+
+def mixed_precision_for(dtype: str, requested: str = "auto") -> str:
+    """accelerate's mixed precision: FP16 weights train under FP16 autocast with a gradient
+    scaler (small gradients underflow in FP16 otherwise); bfloat16 and float32 need neither."""
+    if requested != "auto":
+        return requested
+    return "fp16" if dtype == "float16" else "no"

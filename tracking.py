@@ -1,0 +1,129 @@
+"""Where a training run's numbers go: output_dir/log.jsonl, Weights & Biases, and, when
+W&B is not online, output_dir/curves.png, so a user without an account still sees the run.
+
+At each validation W&B gets a table of sample predictions (the image, the prediction
+drawn by renderer.py, both DSL texts, exact or not); at each epoch the checkpoint is
+logged as an artifact (uploaded when online, recorded for `wandb sync` when offline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+import data
+import dsl
+import renderer
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, config: dict, project: str, mode: str, run_id: str | None,
+                 is_main_process: bool, resume_step: int = 0):
+        self.output_dir, self.is_main = output_dir, is_main_process
+        self.path = output_dir / "log.jsonl"
+        if is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate(resume_step)
+        self.mode = _wandb_mode(mode) if is_main_process else "disabled"
+        import wandb
+
+        self.run = wandb.init(project=project, config=config, mode=self.mode, dir=str(output_dir),
+                              id=run_id, resume="allow" if run_id else None)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def step(self, record: dict):
+        self._append(record)
+        self.run.log(record, step=record["step"])
+
+    def validation(self, step: int, scores: dict, samples: list[tuple[Path, str, str]]):
+        """scores: dsl.score's overall numbers and the loss; samples: (image, raw prediction, reference)."""
+        self._append({"eval": {**scores, "step": step}})
+        if not self.is_main:
+            return
+        self.run.log({f"val/{k}": v for k, v in scores.items()} | {"val/predictions": self._table(samples)}, step=step)
+        if self.mode != "online":
+            self._plot()
+
+    def checkpoint(self, folder: Path):
+        """Log a checkpoint folder as a W&B artifact (one artifact per run, a version per save)."""
+        if self.mode != "disabled":
+            import wandb
+
+            artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="model")
+            artifact.add_dir(str(folder))
+            self.run.log_artifact(artifact, aliases=[folder.name, "latest"])
+
+    def finish(self):
+        self.run.finish()
+
+    # -- the files
+
+    def _append(self, record: dict):
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
+            if self.path.exists() else []
+
+    def _truncate(self, step: int):
+        """A new run starts an empty log; a resumed one drops the records after its step (it logs them again)."""
+        kept = [r for r in self.records() if (r.get("step") or r.get("eval", {}).get("step", 0)) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def _table(self, samples):
+        import wandb
+
+        table = wandb.Table(columns=["image", "prediction drawn", "predicted", "reference", "exact"])
+        for image_path, prediction, reference in samples:
+            diagram = dsl.parse_or_none(prediction)
+            image = data.load_image(image_path)
+            drawn = renderer.render(diagram, image.width) if diagram else Image.new("RGB", image.size, "white")
+            table.add_data(wandb.Image(image), wandb.Image(drawn), dsl.canonical(prediction), reference,
+                           diagram is not None and dsl.to_text(diagram) == reference)
+        return table
+
+    def _plot(self):
+        """curves.png: training loss, and validation loss and exact match, against the step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.records()
+        steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [r["eval"] for r in records if "eval" in r]
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+        left.plot(*zip(*steps), lw=0.8, label="training")
+        left.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="validation")
+        left.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+        left.legend()
+        right.plot([e["step"] for e in evals], [e["exact_match"] for e in evals], "o-", label="exact match")
+        right.plot([e["step"] for e in evals], [e["element_f1"] for e in evals], "s--", label="element F1")
+        right.set(xlabel="step", ylim=(0, 1.02), title="validation")
+        right.legend()
+        figure.tight_layout()
+        figure.savefig(self.output_dir / "curves.png", dpi=100)
+        plt.close(figure)
+
+
+def _wandb_mode(mode: str) -> str:
+    """A W&B mode that never blocks: for "auto", WANDB_MODE if set, else online when logged
+    in, offline when not."""
+    if mode == "auto":
+        return os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+    return mode
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
