@@ -1,12 +1,16 @@
-"""Speed and memory of the training step and of generation, printed as numbers.
+"""Speed of the training step and of generation on this machine, as ratios measured in one run.
 
-    python benchmark.py                        # the embedded default on this machine
-    python benchmark.py --batch_size 16 --dtype float32
-    python benchmark.py configs/llama3-8b.yaml --steps 5   # the reference configuration (GPU)
+    python benchmark.py                                  # the embedded default, dtype auto
+    python benchmark.py --dtype float32 --steps 5        # any finetune.py setting, and the ones below
+    python benchmark.py configs/llama3-8b.yaml --steps 5 # the reference configuration (GPU)
 
-Uses random image features of the right shape (the CLIP encoder is frozen and its
-features are cached during training, so it is not part of a step) and real DSL
-targets; the LLM, projector and LoRA are the real ones.
+Prints this machine's matmul peak in the dtype in use (a large square matmul), the
+training step's FLOPs (counted by torch's FlopCounterMode over one real step), the
+achieved FLOP/s and its share of that peak, tokens per step, and generation speed at
+batch 1 and batch 32 on the same images. Uses random image features of the right shape
+(the CLIP encoder is frozen and its features are cached during training, so it is not
+part of a step) and real DSL targets; the LLM, projector and LoRA are the real ones, and
+the step is finetune.train_step itself. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -16,86 +20,91 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
 
 import dsl
-from finetune import parse_hyperparameters
-from model import DTYPES, DiagramReader, ModelConfig, VisionEncoder
+import finetune
+import hardware
+from model import DiagramReader, _setting
 
 
-def main():
-    argv = sys.argv[1:]
-    steps = 10
-    if "--steps" in argv:
-        i = argv.index("--steps")
-        steps = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
-    hp = parse_hyperparameters(argv)
-    accelerator = Accelerator(mixed_precision=hp.mixed_precision)
-    config = ModelConfig.from_hyperparameters(hp)
-    feature_shape = VisionEncoder(config).feature_shape
-    reader = DiagramReader.build(config, feature_shape, DTYPES[hp.dtype])
-    lora, rest = reader.trainable_parameters()
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": hp.lr}, {"params": rest, "lr": hp.projector_lr}])
-    model, optimizer = accelerator.prepare(reader, optimizer)
+@dataclass
+class BenchmarkConfig:
+    steps: int = _setting(10, "training steps timed (after one warm-up step)")
+    generate_images: int = _setting(32, "images read at batch 1 and then at batch 32")
+
+
+def random_batch(reader: DiagramReader, batch_size: int, rng: random.Random, device) -> dict:
+    n_images = reader.config.num_shots + 1
+    texts = [[dsl.to_text(dsl.sample_diagram(rng)) for _ in range(n_images)] for _ in range(batch_size)]
+    images = torch.randn(batch_size, n_images, *reader.vision.feature_shape)
+    batch = reader.collate(images, [t[:-1] for t in texts], [t[-1] for t in texts])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def main(argv: list[str]) -> dict:
+    config, train, bench = finetune.parse_configs(argv, BenchmarkConfig)
+    accelerator, dtype = finetune.set_up(config, train)
     device = accelerator.device
-
+    reader = DiagramReader.build(config, dtype)
+    optimizer, scheduler = finetune.make_optimizer(reader, train, total_steps=bench.steps + 1)
+    model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     rng = random.Random(0)
-    n_images = hp.num_shots + 1
 
-    def batch():
-        texts = [[dsl.to_text(dsl.sample_diagram(rng)) for _ in range(n_images)] for _ in range(hp.batch_size)]
-        images = torch.randn(hp.batch_size, n_images, *feature_shape)
-        b = reader.collate(images, [t[:-1] for t in texts], [t[-1] for t in texts])
-        return {k: v.to(device) for k, v in b.items()}
+    def step():
+        return finetune.train_step(model, random_batch(reader, train.batch_size, rng, device), optimizer,
+                                   scheduler, accelerator, train.grad_clip)[1]
 
-    def train_step():
-        model.train()
-        b = batch()
-        with accelerator.autocast():
-            loss = model(**b)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return b["input_ids"].shape[1]
+    batch = random_batch(reader, train.batch_size, rng, device)
+    with FlopCounterMode(display=False) as counter:  # the warm-up step, counted
+        finetune.train_step(model, batch, optimizer, scheduler, accelerator, train.grad_clip)
+    step_flops = counter.get_total_flops()
+    tokens = int(batch["attention_mask"].sum())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = sorted(step() for _ in range(bench.steps))
+    step_seconds = seconds[len(seconds) // 2]  # the median: robust to a hiccup of the machine
 
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    train_step()  # warm-up
-    synchronize()
-    start = time.perf_counter()
-    lengths = [train_step() for _ in range(steps)]
-    synchronize()
-    step_seconds = (time.perf_counter() - start) / steps
+    peak = hardware.matmul_gflops(dtype, 2048, 2048, 2048, device, seconds=0.5)
+    hidden, intermediate = reader.llm.config.hidden_size, reader.llm.config.intermediate_size
+    mlp = hardware.matmul_gflops(dtype, tokens, hidden, intermediate, device, seconds=0.3)
 
     reader.eval()
-    texts = [[dsl.to_text(dsl.sample_diagram(rng)) for _ in range(hp.num_shots)] for _ in range(hp.batch_size * 2)]
-    images = torch.randn(len(texts), n_images, *feature_shape).to(device)
+    features = torch.randn(bench.generate_images, *reader.vision.feature_shape)
     with accelerator.autocast():
-        reader.generate(images[:2], texts[:2])  # warm-up
-        synchronize()
-        start = time.perf_counter()
-        reader.generate(images, texts)
-        synchronize()
-    generate_seconds = (time.perf_counter() - start) / len(texts)
+        reader.read(features[:2], batch_size=2)  # warm-up
+        started = time.perf_counter()
+        reader.read(features, batch_size=1)
+        batch1 = bench.generate_images / (time.perf_counter() - started)
+        started = time.perf_counter()
+        reader.read(features, batch_size=32)
+        batch32 = bench.generate_images / (time.perf_counter() - started)
 
+    achieved = step_flops / step_seconds / 1e9
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "llm": hp.llm, "dtype": hp.dtype, "mixed_precision": hp.mixed_precision,
-        "batch_size": hp.batch_size, "sequence_length": sum(lengths) / len(lengths),
-        "train_step_seconds": round(step_seconds, 3),
-        "train_samples_per_second": round(hp.batch_size / step_seconds, 2),
-        "generate_seconds_per_image": round(generate_seconds, 4),
+        "device": hardware.describe(device), "llm": config.llm, "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": train.batch_size, "tokens_per_step": tokens,
+        "train_step_seconds": round(step_seconds, 3), "train_step_gflop": round(step_flops / 1e9, 1),
+        "train_step_gflops_per_s": round(achieved, 1),
+        "matmul_peak_gflops_per_s": round(peak, 1), "mlp_matmul_gflops_per_s": round(mlp, 1),
+        "train_step_share_of_peak": round(achieved / peak, 3),
+        "train_tokens_per_second": round(tokens / step_seconds, 1),
+        "generate_images_per_second_batch1": round(batch1, 2),
+        "generate_images_per_second_batch32": round(batch32, 2),
+        "generate_batch32_over_batch1": round(batch32 / batch1, 2),
         "peak_cpu_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     if device.type == "cuda":
         result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    result = main(sys.argv[1:])
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(result))

@@ -250,9 +250,9 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32):
     embeddings initialised from the words they stand for ('<TopLeft>' from ' top left')."""
     location, extra = _llm_location(name)
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
-    if llm.dtype != dtype:  # GGUF files load as float32
-        llm.to(dtype)
+    # GGUF weights are de-quantized to float32 on loading: load them so, then cast.
+    llm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32 if extra else dtype, **extra)
+    llm.to(dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
     old_vocab = len(tokenizer)

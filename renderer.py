@@ -40,11 +40,14 @@ NOMINAL = Style()
 
 def random_style(rng: random.Random) -> Style:
     """A style drawn from the whole envelope: outline 2-5 px or filled, a dark colour
-    (each channel <= 100), a light background (each channel >= 220), with jitter."""
+    (each channel <= 100), a light background (each channel >= 220), with jitter. The
+    ink's lightness is drawn first, uniformly, so the lightest allowed inks (greys near
+    100) are as common as black: with each channel drawn alone they would be rare."""
+    lightness = rng.randint(0, 100)
     return Style(
         filled=rng.random() < 0.5,
         stroke=rng.randint(2, 5),
-        colour=tuple(rng.randint(0, 100) for _ in range(3)),
+        colour=tuple(max(0, lightness - rng.randint(0, 50)) for _ in range(3)),
         background=tuple(rng.randint(220, 255) for _ in range(3)),
         jitter=True,
     )

@@ -117,3 +117,23 @@ def test_metrics():
     assert sorted(scores["by_count"]) == [1, 2]
     assert scores["by_count"][1]["exact_match"] == 1.0
     assert scores["by_count"][2]["n"] == 3 and scores["by_count"][2]["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_the_grammar_accepts_every_diagram_tag_by_tag():
+    for diagram in dsl.all_diagrams():
+        tags = dsl.to_tags(diagram)
+        for i, tag in enumerate(tags):
+            assert tag in dsl.next_tags(tags[:i]), (tags, i)
+        assert dsl.next_tags(tags) == []
+        assert dsl.parse("".join(tags)) == diagram
+
+
+def test_any_walk_through_the_grammar_is_a_valid_diagram():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(2000):
+        tags = []
+        while allowed := dsl.next_tags(tags):
+            tags.append(rng.choice(allowed))
+        seen.add(dsl.parse("".join(tags)))  # raises if the grammar let an invalid text through
+    assert len(seen) > 500  # many different diagrams, not one path

@@ -205,3 +205,59 @@ def test_unknown_key_in_a_config_file_is_an_error(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 1e-4\nlearning_rate: 3\n")
     result = run_script("finetune.py", str(tmp_path / "c.yaml"))
     assert result.returncode == 2 and "learning_rate" in result.stderr
+
+
+def test_offline_wandb_run_holds_the_prediction_table_and_the_checkpoint_artifact(
+        tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--epochs", "1",
+                                                  "--wandb_mode", "offline"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    tables = list(run.glob("files/media/table/**/*.table.json"))
+    assert tables, "no prediction table"  # of the 2 validation images (10% of 24)
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["image", "prediction drawn", "predicted", "reference", "exact"]
+    assert len(table["data"]) == 2 and all(row[3].startswith("<StartDiagram>") for row in table["data"])
+    records = next(run.glob("*.wandb")).read_bytes()
+    run_id = run.name.rsplit("-", 1)[1]
+    assert f"checkpoint-{run_id}".encode() in records and b"epoch-01" in records  # the artifact, for wandb sync
+    assert (tmp_path / "curves.png").stat().st_size > 1000  # offline: the curves as a picture too
+
+
+def test_best_pointer_names_the_best_validated_checkpoint_and_inference_says_so(trained_run, tiny_dataset):
+    scored = {p.name: checkpoint.read_state(p)["validation"] for p in checkpoint.folders(trained_run)}
+    assert scored["epoch-01"] and scored["epoch-02"] and scored["step-0000006"] is None
+    best = (trained_run / "best").read_text().strip()
+    assert best in ("epoch-01", "epoch-02")
+    assert scored[best]["exact_match"] == max(s["exact_match"] for s in scored.values() if s)
+    folder, why = checkpoint.find(trained_run)
+    assert folder.name == best and "best" in why
+    result = run_script("inference.py", "--checkpoint", str(trained_run), "--dtype", "float32",
+                        str(sorted((tiny_dataset / "images").glob("test_*.png"))[0]))
+    assert result.returncode == 0 and f"{best} (the run's best: validation exact match" in result.stderr
+
+
+def test_check_runs_one_step_and_one_generation_and_estimates_the_run(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    args = tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path)
+    result = run_script("check.py", *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert "threads, flags:" in result.stdout and "training step: batch 4" in result.stdout
+    assert lines[-1].startswith("check: ok") and "24 rows" in lines[-1] and "5 steps x" in lines[-1]
+
+
+def test_check_of_the_reference_configuration_on_a_cpu_says_a_gpu_is_needed():
+    result = run_script("check.py", str(ROOT / "configs/llama3-8b.yaml"), "--device", "cpu")
+    assert result.returncode == 1
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("check: FAILED") and "needs a CUDA GPU" in last and "Traceback" not in result.stderr
+
+
+def test_benchmark_prints_the_step_share_of_peak_and_generation_speeds(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    result = run_script("benchmark.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path), "--steps", "2",
+                        "--generate_images", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert numbers["train_step_gflop"] > 0 and 0 < numbers["train_step_share_of_peak"] < 1.5
+    assert numbers["generate_images_per_second_batch1"] > 0 and numbers["generate_batch32_over_batch1"] > 0
+    assert numbers["tokens_per_step"] > 4 * 16

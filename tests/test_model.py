@@ -3,6 +3,7 @@ generation, checkpoints, PEFT compatibility."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -223,3 +224,19 @@ def test_checkpoint_for_another_model_is_refused(tmp_path, tiny_llm, tiny_llm_un
     (tmp_path / "projector.safetensors").unlink()
     with pytest.raises(model.CheckpointError, match="missing projector.safetensors"):
         model.DiagramReader.from_pretrained(tmp_path)
+
+
+def noise_images(n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_constrained_decoding_writes_valid_dsl_even_untrained_and_on_noise(tiny_llm, tiny_clip):
+    torch.manual_seed(0)
+    reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip))  # untrained
+    features = reader.vision.encode(noise_images(6))
+    texts, confidences = reader.read(features, batch_size=4)
+    assert [dsl.is_valid(t) for t in texts] == [True] * 6
+    assert all(0 < c <= 1 for c in confidences)
+    free, _ = reader.read(features, batch_size=4, constrained=False)
+    assert not all(dsl.is_valid(t) for t in free)  # without the grammar an untrained model writes anything

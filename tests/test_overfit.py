@@ -5,6 +5,7 @@ overfittest.py, on tiny random-weight models."""
 import random
 
 import torch
+from PIL import Image
 
 import dsl
 import model
@@ -41,6 +42,13 @@ def test_memorises_four_diagrams(tiny_llm_for_learning, tiny_clip):
                 break
     else:
         raise AssertionError(f"not memorised in 300 steps; loss {loss.item():.4f}; last predictions {predictions}")
+
+    # A trained model, shown pictures of noise, still writes valid DSL (constrained decoding).
+    noise = torch.Generator().manual_seed(0)
+    noise_images = [Image.fromarray((torch.rand(64, 64, 3, generator=noise) * 255).byte().numpy())
+                    for _ in range(4)]
+    texts, _ = reader.read(vision.encode(noise_images))
+    assert all(dsl.is_valid(t) for t in texts)
 
     unchanged = [p.shape for p in lora + rest if torch.equal(before[id(p)], p.detach())]
     assert not unchanged, f"trainable tensors that never moved (no gradient reached them): {unchanged}"

@@ -1,14 +1,16 @@
-"""Diagrams drawn by a renderer other than renderer.py, to check that a model reads pictures
-it was not trained on.
+"""A data set drawn by a renderer other than renderer.py: does a model read pictures it
+was not trained on?
 
-    python check_other_renderer.py --out_dir other --num 200
+    python other_renderer.py --out_dir other --num 300
     python inference.py --checkpoint checkpoints --csv other/data.csv --eval
 
-Its own geometry code, anti-aliased (drawn at 4x and downsampled with Lanczos), with
-fractional stroke widths and its own sampling of SPEC's envelope: fills, dark colours,
-light backgrounds, size and position jitter. Writes a data CSV in SPEC's format. Its
-diagrams are random: some may also appear in a training set (it tests the drawing, not
-unseen diagrams).
+Its own geometry code and its own, even sampling of the rendering envelope
+(docs/SPEC.md), the hard corners included: outlines of any width from 2 to 5 px (thin
+ones as often as thick), dark colours up to the lightest allowed (each channel <= 100),
+fills, light backgrounds, size and position jitter; half the images anti-aliased (drawn
+at 4x and downsampled with Lanczos, fractional widths), half drawn pixel-hard. Writes a
+data CSV in the usual format. Its diagrams are random: some may also appear in a
+training set (it tests the drawing, not unseen diagrams).
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ COLUMN_ROW = {"TopLeft": (0, 0), "TopRight": (1, 0), "BottomLeft": (0, 1), "Bott
 @dataclass
 class Arguments:
     out_dir: str = "other"
-    num: int = 200
+    num: int = 300
     seed: int = 12345
     size: int = 224
 
 
 def draw(diagram: dsl.Diagram, size: int, rng: random.Random) -> Image.Image:
     background = tuple(rng.randint(220, 255) for _ in range(3))
-    ink = tuple(rng.randint(0, 100) for _ in range(3))
+    lightest = rng.uniform(0, 100)  # how light the ink may be, uniform: light greys as often as black
+    ink = tuple(round(max(0.0, lightest - rng.uniform(0, 30))) for _ in range(3))
     filled, stroke = rng.random() < 0.3, rng.uniform(2, 5)
-    big = size * SUPERSAMPLE
+    supersample = SUPERSAMPLE if rng.random() < 0.5 else 1
+    big = size * supersample
     image = Image.new("RGB", (big, big), background)
     canvas = ImageDraw.Draw(image)
     q = size / 2
@@ -50,15 +54,15 @@ def draw(diagram: dsl.Diagram, size: int, rng: random.Random) -> Image.Image:
         side = (SIDE[element.size] + rng.uniform(-0.03, 0.03)) * q
         cx = (column + 0.5 + rng.uniform(-0.06, 0.06)) * q
         cy = (row + 0.5 + rng.uniform(-0.06, 0.06)) * q
-        x0, y0, x1, y1 = (v * SUPERSAMPLE for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-        style = {"fill": ink} if filled else {"outline": ink, "width": round(stroke * SUPERSAMPLE)}
+        x0, y0, x1, y1 = (v * supersample for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+        style = {"fill": ink} if filled else {"outline": ink, "width": round(stroke * supersample)}
         if element.shape == "Circle":
             canvas.ellipse((x0, y0, x1, y1), **style)
         elif element.shape == "Square":
             canvas.rectangle((x0, y0, x1, y1), **style)
         else:
             canvas.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], **style)
-    return image.resize((size, size), Image.LANCZOS)
+    return image.resize((size, size), Image.LANCZOS) if supersample > 1 else image
 
 
 def main(args: Arguments):

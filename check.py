@@ -1,0 +1,96 @@
+"""Check a configuration on this machine before a long run: one step of each part.
+
+    python check.py                             # the embedded default
+    python check.py configs/llama3-8b.yaml      # the reference configuration
+    python check.py --batch_size 16 --dtype float32
+
+Prints the device (CPU flags, or GPU name and memory), the dtype and why, loads the
+configured CLIP and LLM, runs one training step and one generation, and estimates the
+configured run's time (its steps x the measured step time) and the step's peak memory.
+Ends with one verdict line: "check: ok ..." (exit 0) or "check: FAILED: why" (exit 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import benchmark
+import finetune
+import hardware
+from model import DiagramReader
+
+
+def count_rows(csv_path: str) -> int | None:
+    path = Path(csv_path)
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)  # the header off; rows not checked here
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def check(argv: list[str]) -> str:
+    config, train = finetune.parse_configs(argv)
+    accelerator, dtype = finetune.set_up(config, train)  # prints the device and the dtype's reason
+    device = accelerator.device
+    started = time.perf_counter()
+    reader = DiagramReader.build(config, dtype)
+    print(f"loaded CLIP {config.clip_model} ({config.clip_pretrained}) and LLM {config.llm} in "
+          f"{time.perf_counter() - started:.0f} s; image features {tuple(reader.vision.feature_shape)}")
+    optimizer, scheduler = finetune.make_optimizer(reader, train, total_steps=10)
+    model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
+    rng = random.Random(0)
+    memory_before = peak_memory_gib(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(3):  # the first step warms up; the last two are timed
+        loss, step_seconds = finetune.train_step(model, benchmark.random_batch(reader, train.batch_size, rng, device),
+                                                 optimizer, scheduler, accelerator, train.grad_clip)
+        seconds.append(step_seconds)
+    step_seconds = min(seconds[1:])
+    peak = peak_memory_gib(device) - (0 if device.type == "cuda" else memory_before)
+    print(f"training step: batch {train.batch_size}, loss {loss:.3f}, {step_seconds:.2f} s; peak memory "
+          f"{'allocated' if device.type == 'cuda' else 'growth (RSS)'} {peak:.2f} GiB")
+    with accelerator.autocast():
+        started = time.perf_counter()
+        texts, _ = reader.read(torch.randn(4, *reader.vision.feature_shape), batch_size=4)
+    print(f"generation: 4 images in {time.perf_counter() - started:.2f} s, e.g. {' '.join(texts[0].split())}")
+
+    rows = count_rows(train.data_csv)
+    if rows is None:
+        images = 1000
+        estimate = f"no {train.data_csv} yet; per 1,000 training images and epoch"
+    else:
+        images = round(rows * (1 - train.val_fraction)) * train.epochs
+        estimate = f"{train.data_csv}: {rows} rows, {train.epochs} epoch(s)"
+    steps = images // (train.batch_size * accelerator.num_processes)
+    minutes = steps * step_seconds / 60
+    return f"check: ok: {estimate}: {steps} steps x {step_seconds:.2f} s = about {minutes:.1f} min of training"
+
+
+if __name__ == "__main__":
+    try:
+        print(check(sys.argv[1:]))
+    except finetune.SettingsError as error:
+        print(f"check: FAILED: {error}")
+        sys.exit(1)
+    except torch.OutOfMemoryError as error:
+        print(f"check: FAILED: out of memory in one training step ({str(error).splitlines()[0]}); try a smaller "
+              "--batch_size, --dtype float16/bfloat16, or a GPU with more memory")
+        sys.exit(1)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"check: FAILED: cannot load or run the configured models: {str(error).splitlines()[0]}")
+        sys.exit(1)
