@@ -29,4 +29,4 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf images data.csv test.csv checkpoints predictions.csv wandb
+	rm -rf images data.csv test.csv checkpoints predictions.csv wandb other

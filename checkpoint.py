@@ -107,19 +107,21 @@ def find(path: str | Path) -> tuple[Path, str]:
     raise CheckpointError(f"no checkpoint in {path}: expected a config.json there, or epoch-*/step-* folders")
 
 
-def resume_point(output_dir: str, resume: str) -> Path | None:
-    """The checkpoint --resume names: None to start afresh."""
-    if not resume:
-        return None
-    run = Path(output_dir if resume == "auto" else resume)
-    if (run / "training_state.pt").is_file():
-        return run
-    found = [p for p in folders(run) if (p / "training_state.pt").is_file()]
-    if found:
+def resume_point(output_dir: str, resume: str, config: ModelConfig) -> Path | None:
+    """The checkpoint --resume names, checked to fit `config`: None to start afresh, which
+    is refused where output_dir already holds a run (it would be overwritten)."""
+    run = Path(output_dir if resume in ("auto", "") else resume)
+    found = [run] if (run / "training_state.pt").is_file() else \
+        [p for p in folders(run) if (p / "training_state.pt").is_file()]
+    if resume and found:
+        check_resumable(found[-1], config)
         return found[-1]
-    if resume == "auto":
-        return None  # nothing to resume yet: a first run
-    raise CheckpointError(f"--resume {resume}: no checkpoint with a training state there")
+    if resume not in ("auto", ""):
+        raise CheckpointError(f"--resume {resume}: no checkpoint with a training state there")
+    if earlier := folders(output_dir):
+        raise CheckpointError(f"{output_dir} already holds a run (latest: {earlier[-1].name}); continue it with "
+                              "--resume auto, or pick another --output_dir (or delete it)")
+    return None  # a first run
 
 
 def check_resumable(folder: Path, config: ModelConfig):

@@ -101,12 +101,7 @@ class SettingsError(Exception):
 
 def main(config: ModelConfig, train: TrainConfig) -> int:
     accelerator, dtype = set_up(config, train)
-    resume_from = checkpoint.resume_point(train.output_dir, train.resume)
-    if resume_from:
-        checkpoint.check_resumable(resume_from, config)
-    elif earlier := checkpoint.folders(train.output_dir):
-        raise SettingsError(f"{train.output_dir} already holds a run (latest: {earlier[-1].name}); continue it "
-                            "with --resume auto, or pick another --output_dir (or delete it)")
+    resume_from = checkpoint.resume_point(train.output_dir, train.resume, config)
     train_rows, val_rows = split_data(train)
     steps_per_epoch = len(train_rows) // (train.batch_size * accelerator.num_processes)
     if steps_per_epoch == 0 or len(train_rows) <= config.num_shots:
