@@ -23,7 +23,6 @@ import torch
 
 import benchmark
 import finetune
-import hardware
 from model import DiagramReader
 
 

@@ -19,7 +19,7 @@ WIDTH, HEIGHT = 1180, 385
 
 def box(draw, xy, title, lines=(), fill=FROZEN):
     draw.rounded_rectangle(xy, radius=10, fill=fill, outline="black", width=2)
-    x0, y0, x1, _ = xy
+    x0, y0, _, _ = xy
     draw.text((x0 + 10, y0 + 8), title, fill="black")
     for i, line in enumerate(lines):
         draw.text((x0 + 10, y0 + 28 + 16 * i), line, fill=(60, 60, 60))
@@ -27,7 +27,7 @@ def box(draw, xy, title, lines=(), fill=FROZEN):
 
 def arrow(draw, start, end):
     draw.line([start, end], fill="black", width=2)
-    (x0, y0), (x1, y1) = start, end
+    (x0, _), (x1, y1) = start, end
     if x1 > x0:
         draw.polygon([(x1, y1), (x1 - 10, y1 - 5), (x1 - 10, y1 + 5)], fill="black")
     else:
