@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+import damage
 import dsl
 import renderer
 
@@ -34,6 +35,9 @@ class Arguments:
     seed: int = 0
     augment: bool = field(default=True, metadata={"help": "sample styles from SPEC's whole envelope"})
     size: int = field(default=224, metadata={"help": "image side in pixels"})
+    damage: float = field(default=0.0, metadata={"help": "share of the training images that also get ordinary "
+                                                         "damage (damage.py: shift, rotation, blur, noise, JPEG); "
+                                                         "test.csv stays clean"})
 
 
 # At most half the diagrams of each element count are held out, so that training
@@ -55,15 +59,19 @@ def sample_test_diagrams(num_test: int, seed: int) -> list[dsl.Diagram]:
     return list(chosen)
 
 
-def write_split(rows, csv_path: Path, args: Arguments):
-    """rows: (image file name, diagram, rng); the rng draws the image's style and jitter."""
+def write_split(rows, csv_path: Path, args: Arguments, damage_share: float = 0.0):
+    """rows: (image file name, diagram, rng); the rng draws the image's style and jitter,
+    and whether (and how) the picture is damaged."""
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_path", "dsl"])
         for name, diagram, rng in tqdm(rows, desc=csv_path.name, unit="img"):
             style = renderer.random_style(rng) if args.augment else renderer.NOMINAL
             relative = f"images/{name}"
-            renderer.render(diagram, args.size, style, rng).save(csv_path.parent / relative)
+            image = renderer.render(diagram, args.size, style, rng)
+            if rng.random() < damage_share:
+                image = damage.random_damage(image, rng)
+            image.save(csv_path.parent / relative)
             writer.writerow([relative, dsl.to_text(diagram)])
 
 
@@ -81,6 +89,8 @@ def check(args: Arguments) -> str | None:
                 f"ask for at most {MAX_TEST}")
     if args.size < 8:
         return f"--size must be at least 8 pixels, not {args.size}"
+    if not 0 <= args.damage <= 1:
+        return f"--damage is a share of the training images, from 0 to 1, not {args.damage}"
     return None
 
 
@@ -101,7 +111,7 @@ def main(args: Arguments):
             diagram = dsl.sample_diagram(rng)
         train_rows.append((f"train_{i:0{digits}d}.png", diagram, rng))
 
-    write_split(train_rows, out_dir / "data.csv", args)
+    write_split(train_rows, out_dir / "data.csv", args, args.damage)
     write_split(test_rows, out_dir / "test.csv", args)
     print(f"wrote {args.num_samples} training and {args.num_test} test images to {out_dir / 'images'}, "
           f"{out_dir / 'data.csv'} and {out_dir / 'test.csv'}")

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import HfArgumentParser
@@ -40,6 +41,7 @@ class Arguments:
     llm: str = _setting("", "load the base LLM from here instead (the same model, moved)")
     skip_bad_rows: bool = _setting(False, "read the good rows of a CSV with bad ones")
     constrained: bool = _setting(True, "decode by the DSL's grammar: every output parses")
+    flag_below: float = _setting(0.0, "list the doubtful images: confidence below this, or ink that disagrees")
     batch_size: int = _setting(32, "images decoded together")
     device: str = _setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = _setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
@@ -55,6 +57,41 @@ def render_side_by_side(image_path: Path, prediction: str, out_path: Path, size:
         ImageDraw.Draw(canvas).text((size + 8, size // 2), "not a valid diagram", fill="red")
     ImageDraw.Draw(canvas).line([(size, 0), (size, size)], fill="gray")
     canvas.save(out_path)
+
+
+def ink_by_quadrant(image: Image.Image) -> list[bool]:
+    """Per quadrant (TopLeft, TopRight, BottomLeft, BottomRight): is anything drawn there?
+    Ink is a pixel much darker than the picture's median (its background), and a quadrant
+    has some when over 0.5% of its pixels are ink (a small thin outline is ~2%)."""
+    grey = np.asarray(image.convert("L"), dtype=float)
+    ink = grey < np.median(grey) - 60
+    half_h, half_w = ink.shape[0] // 2, ink.shape[1] // 2
+    quadrants = [ink[:half_h, :half_w], ink[:half_h, half_w:], ink[half_h:, :half_w], ink[half_h:, half_w:]]
+    return [q.mean() > 0.005 for q in quadrants]
+
+
+def agreement(image_path: Path, prediction: str) -> float:
+    """Render and compare: the share of quadrants where the picture has ink exactly where the
+    prediction, drawn by renderer.py, has an element (0 for an output that does not parse)."""
+    diagram = dsl.parse_or_none(prediction)
+    if diagram is None:
+        return 0.0
+    image = data.load_image(image_path)
+    drawn = ink_by_quadrant(renderer.render(diagram, image.width))
+    return sum(a == b for a, b in zip(ink_by_quadrant(image), drawn)) / 4
+
+
+def print_coverage(predictions, references, confidences, agreements):
+    """Exact match among the predictions kept at each confidence threshold (and full
+    agreement), against the share kept: how far the confidence can be trusted."""
+    exact = [dsl.canonical(p) == r for p, r in zip(predictions, references)]
+    print(f"{'kept if':38}{'kept':>8}{'exact among kept':>18}")
+    for threshold in (0.0, 0.5, 0.9, 0.99, 0.999):
+        for need_agreement in (False, True):
+            kept = [e for e, c, a in zip(exact, confidences, agreements) if c >= threshold
+                    and (a == 1 or not need_agreement)]
+            rule = f"confidence >= {threshold}" + (" and agreement 1" if need_agreement else "")
+            print(f"{rule:38}{len(kept) / len(exact):>8.3f}{sum(kept) / len(kept) if kept else float('nan'):>18.4f}")
 
 
 def print_scores(scores: dict):
@@ -105,21 +142,31 @@ def main(args: Arguments, image_args: list[str]) -> int:
     with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
         features = reader.vision.encode(paths, progress=bar)
         predictions, confidences = reader.read(features, args.batch_size, args.constrained, progress=bar)
-    for path, prediction, confidence in zip(paths, predictions, confidences):
-        print(f"# {path} (confidence {confidence:.3f})\n{dsl.canonical(prediction).rstrip()}")
+    agreements = [agreement(path, prediction) for path, prediction in zip(paths, predictions)]
+    for path, prediction, confidence, agrees in zip(paths, predictions, confidences, agreements):
+        print(f"# {path} (confidence {confidence:.3f}, agreement {agrees:.2f})\n{dsl.canonical(prediction).rstrip()}")
+    if args.flag_below:
+        doubtful = [(p, c, a) for p, c, a in zip(paths, confidences, agreements) if c < args.flag_below or a < 1]
+        print(f"{len(doubtful)} doubtful of {len(paths)} (confidence below {args.flag_below}, or ink that "
+              "disagrees with the prediction):", file=sys.stderr)
+        for path, confidence, agrees in doubtful:
+            print(f"  {path}: confidence {confidence:.3f}, agreement {agrees:.2f}", file=sys.stderr)
 
     if args.out:
         with open(args.out, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image_path", "dsl", "valid", "confidence"])
-            for path, prediction, confidence in zip(paths, predictions, confidences):
-                writer.writerow([str(path), dsl.canonical(prediction), dsl.is_valid(prediction), f"{confidence:.4f}"])
+            writer.writerow(["image_path", "dsl", "valid", "confidence", "agreement"])
+            for path, prediction, confidence, agrees in zip(paths, predictions, confidences, agreements):
+                writer.writerow([str(path), dsl.canonical(prediction), dsl.is_valid(prediction), f"{confidence:.4f}",
+                                 f"{agrees:.2f}"])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):
             render_side_by_side(path, prediction, Path(args.render) / f"{i:05d}_{path.stem}.png")
     if args.eval:
-        print_scores(dsl.score(predictions[:len(rows)], [row.dsl for row in rows]))
+        references = [row.dsl for row in rows]
+        print_coverage(predictions[:len(rows)], references, confidences, agreements)
+        print_scores(dsl.score(predictions[:len(rows)], references))
     return 1 if failed else 0
 
 

@@ -88,3 +88,15 @@ def test_impossible_requests_are_refused(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "data.csv").exists()
+
+
+def test_damage_changes_about_that_share_of_training_images_and_never_test_ones(tmp_path):
+    assert generate(tmp_path / "clean", "--num_samples", "40", "--num_test", "5").returncode == 0
+    assert generate(tmp_path / "damaged", "--num_samples", "40", "--num_test", "5", "--damage", "0.5").returncode == 0
+    assert read_rows(tmp_path / "clean" / "data.csv") == read_rows(tmp_path / "damaged" / "data.csv")  # same labels
+    changed = [(tmp_path / "clean" / r["image_path"]).read_bytes() != (tmp_path / "damaged" / r["image_path"]).read_bytes()
+               for r in read_rows(tmp_path / "clean" / "data.csv")]
+    assert 8 <= sum(changed) <= 32
+    for row in read_rows(tmp_path / "clean" / "test.csv"):
+        assert (tmp_path / "clean" / row["image_path"]).read_bytes() == (tmp_path / "damaged" / row["image_path"]).read_bytes()
+    assert generate(tmp_path / "bad", "--num_samples", "4", "--damage", "1.5").returncode == 2

@@ -261,3 +261,21 @@ def test_benchmark_prints_the_step_share_of_peak_and_generation_speeds(tiny_llm,
     assert numbers["train_step_gflop"] > 0 and 0 < numbers["train_step_share_of_peak"] < 1.5
     assert numbers["generate_images_per_second_batch1"] > 0 and numbers["generate_batch32_over_batch1"] > 0
     assert numbers["tokens_per_step"] > 4 * 16
+
+
+def test_robustness_damages_each_way_and_scores_each(trained_run, tiny_dataset, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import damage
+    result = run_script("robustness.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
+                        "--num", "3", "--out_dir", str(tmp_path), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(scores) == list(damage.CHECKS)
+    assert all(s["n"] == 3 and s["valid_rate"] == 1.0 for s in scores.values())  # constrained decoding
+    clean = np.asarray(Image.open(tmp_path / "clean" / "images" / "00000.png"))
+    for kind in damage.CHECKS:
+        if kind != "clean":
+            damaged = np.asarray(Image.open(tmp_path / kind.replace(" ", "_") / "images" / "00000.png"))
+            assert damaged.shape != clean.shape or not np.array_equal(damaged, clean), kind

@@ -1,0 +1,77 @@
+"""How well a checkpoint reads damaged pictures: ordinary damage, each kind scored apart.
+
+    python robustness.py --checkpoint checkpoints --csv test.csv
+    python robustness.py --checkpoint checkpoints --csv other/data.csv --num 100 --out_dir damaged
+
+Damages the first --num images of a data CSV in each way of damage.CHECKS (seeded: the
+same damage every time), writes them with a CSV per kind under --out_dir (to look at, or to
+score again with inference.py), reads them with the model loaded once, and prints
+exact match, element F1 and valid rate per kind; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import damage
+import data
+import dsl
+import inference
+from model import CheckpointError, _setting
+
+
+@dataclass
+class Arguments:
+    checkpoint: str = _setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
+    csv: str = _setting("test.csv", "the data CSV whose images are damaged")
+    num: int = _setting(200, "how many of its images (the first ones)")
+    out_dir: str = _setting("damaged", "where the damaged images and their CSVs go")
+    seed: int = _setting(0, "seeds the random parts of the damage")
+    batch_size: int = _setting(32, "images decoded together")
+    device: str = _setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
+    dtype: str = _setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+
+
+def write_damaged(rows: list[data.Row], kind: str, out_dir: Path, seed: int) -> list[Path]:
+    folder = out_dir / kind.replace(" ", "_")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    with open(folder / "data.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(data.COLUMNS)
+        for i, row in enumerate(rows):
+            damaged = damage.CHECKS[kind](data.load_image(row.image_path), random.Random(f"{seed}:{kind}:{i}"))
+            paths.append(folder / "images" / f"{i:05d}.png")
+            damaged.save(paths[-1])
+            writer.writerow([f"images/{i:05d}.png", row.dsl])
+    return paths
+
+
+def main(args: Arguments) -> dict:
+    rows = data.read_dataset(args.csv)[0][:args.num]
+    reader = inference.load(inference.Arguments(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype))
+    results = {}
+    for kind in damage.CHECKS:
+        paths = write_damaged(rows, kind, Path(args.out_dir), args.seed)
+        predictions, _ = reader.read(reader.vision.encode(paths), args.batch_size)
+        scores = dsl.score(predictions, [row.dsl for row in rows])
+        results[kind] = {k: scores[k] for k in ("n", "exact_match", "element_f1", "valid_rate")}
+        print(f"{kind:26} n {scores['n']:4}  exact {scores['exact_match']:.3f}  element F1 "
+              f"{scores['element_f1']:.3f}  valid {scores['valid_rate']:.3f}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    (arguments,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    try:
+        print(json.dumps(main(arguments)))
+    except (data.DataError, CheckpointError) as error:
+        print(f"robustness.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
