@@ -55,12 +55,12 @@ def main(argv: list[str]) -> dict:
     rng = random.Random(0)
 
     def step():
-        return finetune.train_step(model, random_batch(reader, train.batch_size, rng, device), optimizer,
+        return finetune.train_step(model, [random_batch(reader, train.batch_size, rng, device)], optimizer,
                                    scheduler, accelerator, train.grad_clip)[1]
 
     batch = random_batch(reader, train.batch_size, rng, device)
     with FlopCounterMode(display=False) as counter:  # the warm-up step, counted
-        finetune.train_step(model, batch, optimizer, scheduler, accelerator, train.grad_clip)
+        finetune.train_step(model, [batch], optimizer, scheduler, accelerator, train.grad_clip)
     step_flops = counter.get_total_flops()
     tokens = int(batch["attention_mask"].sum())
     if device.type == "cuda":

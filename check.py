@@ -68,7 +68,7 @@ def check(argv: list[str]) -> str:
     reset_peak_memory(device)
     seconds = []
     for _ in range(3):  # the first step warms up; the last two are timed
-        loss, step_seconds = finetune.train_step(model, benchmark.random_batch(reader, train.batch_size, rng, device),
+        loss, step_seconds = finetune.train_step(model, [benchmark.random_batch(reader, train.batch_size, rng, device)],
                                                  optimizer, scheduler, accelerator, train.grad_clip)
         seconds.append(step_seconds)
     step_seconds = min(seconds[1:])

@@ -15,6 +15,7 @@ The model's settings are model.ModelConfig; the training's are TrainConfig below
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import signal
@@ -35,7 +36,7 @@ import checkpoint
 import data
 import dsl
 import hardware
-from model import CheckpointError, DiagramReader, ModelConfig, _setting, llm_shape, with_examples
+from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, _setting, llm_shape, with_examples
 from tracking import RunLog
 
 
@@ -51,7 +52,9 @@ class TrainConfig:
     mixed_precision: str = _setting("auto", "accelerate's autocast: auto (fp16 with a gradient scaler for float16 "
                                             "weights, else no), no, fp16, bf16")
     epochs: int = _setting(1, "passes over the training images: varied images teach more than repeated ones")
-    batch_size: int = _setting(8, "images per step and process")
+    batch_size: int = _setting(8, "images per micro-batch and process")
+    gradient_accumulation_steps: int = _setting(1, "micro-batches per optimizer step: the effective batch is "
+                                                   "batch_size x this x processes")
     lr: float = _setting(1e-3, "peak learning rate of the LoRA adapters")
     projector_lr: float = _setting(1e-3, "peak learning rate of the projector and the new token embeddings")
     weight_decay: float = _setting(0.0, "AdamW weight decay")
@@ -103,10 +106,12 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
     accelerator, dtype = set_up(config, train)
     resume_from = checkpoint.resume_point(train.output_dir, train.resume, config)
     train_rows, val_rows = split_data(train)
-    steps_per_epoch = len(train_rows) // (train.batch_size * accelerator.num_processes)
+    steps_per_epoch = len(train_rows) // (train.batch_size * train.gradient_accumulation_steps
+                                          * accelerator.num_processes)
     if steps_per_epoch == 0 or len(train_rows) <= config.num_shots:
         raise data.DataError(f"{train.data_csv}: {len(train_rows)} training rows are too few for batch size "
-                             f"{train.batch_size} x {accelerator.num_processes} process(es) and {config.num_shots} shots")
+                             f"{train.batch_size} x {train.gradient_accumulation_steps} accumulation step(s) x "
+                             f"{accelerator.num_processes} process(es) and {config.num_shots} shots")
     total_steps = steps_per_epoch * train.epochs
 
     reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True) if resume_from
@@ -128,13 +133,13 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
                disable=not accelerator.is_main_process)
     with StopRequested() as stop:
         while step < total_steps:
-            batch = training_batch(reader, train_rows, train_features, step, steps_per_epoch, train, accelerator)
-            loss, seconds = train_step(model, batch, optimizer, scheduler, accelerator, train.grad_clip)
+            batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, train, accelerator)
+            loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, train.grad_clip)
             step += 1
             if not math.isfinite(loss):
                 return stop_on_nan(step, loss, train, bar, accelerator)
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                      "step_seconds": seconds, "tokens_per_second": int(batch["attention_mask"].sum()) / seconds,
+                      "step_seconds": seconds, "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in batches) / seconds,
                       "minutes": (time.time() - start) / 60}
             log.step(record)
             bar.update(1)
@@ -234,32 +239,46 @@ def epoch_order(num_train: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_train, generator=generator).tolist()
 
 
-def training_batch(reader, train_rows, train_features, step, steps_per_epoch, train: TrainConfig, accelerator):
-    """This process's batch of step `step`: target images in the epoch's order, each after
-    num_shots other training images shown solved."""
+def training_batches(reader, train_rows, train_features, step, steps_per_epoch, train: TrainConfig,
+                     accelerator) -> list[dict]:
+    """This process's micro-batches of optimizer step `step`: target images in the epoch's
+    order, each after num_shots other training images shown solved."""
     epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-    first = (batch_in_epoch * accelerator.num_processes + accelerator.process_index) * train.batch_size
-    indices = epoch_order(len(train_rows), train.seed, epoch)[first:first + train.batch_size]
+    order = epoch_order(len(train_rows), train.seed, epoch)
     rng = random.Random(f"{train.seed}:{step}:{accelerator.process_index}")
-    shots = []
-    for i in indices:
-        others = rng.sample(range(len(train_rows) - 1), reader.config.num_shots)
-        shots.append([c + (c >= i) for c in others])  # skip the target itself
-    images = torch.stack([train_features[s + [i]] for s, i in zip(shots, indices)])
-    batch = reader.collate(images, [[train_rows[j].dsl for j in s] for s in shots], [train_rows[i].dsl for i in indices])
-    return {k: v.to(accelerator.device) for k, v in batch.items()}
+    batches = []
+    for micro in range(train.gradient_accumulation_steps):
+        first = (((batch_in_epoch * train.gradient_accumulation_steps + micro) * accelerator.num_processes
+                  + accelerator.process_index) * train.batch_size)
+        indices = order[first:first + train.batch_size]
+        shots = []
+        for i in indices:
+            others = rng.sample(range(len(train_rows) - 1), reader.config.num_shots)
+            shots.append([c + (c >= i) for c in others])  # skip the target itself
+        images = torch.stack([train_features[s + [i]] for s, i in zip(shots, indices)])
+        batch = reader.collate(images, [[train_rows[j].dsl for j in s] for s in shots],
+                               [train_rows[i].dsl for i in indices])
+        batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+    return batches
 
 
-def train_step(model, batch: dict, optimizer, scheduler, accelerator, grad_clip: float) -> tuple[float, float]:
-    """One optimizer step: (loss, seconds). A non-finite loss is returned before the update."""
+def train_step(model, batches: list[dict], optimizer, scheduler, accelerator, grad_clip: float) -> tuple[float, float]:
+    """One optimizer step over one or more micro-batches: (loss, seconds). Each micro-batch's
+    loss is weighted by its share of the target tokens, so the gradient is the one of a
+    single batch holding them all. A non-finite loss is returned before the update."""
     started = time.perf_counter()
     model.train()
-    with accelerator.autocast():
-        loss = model(**batch)
-    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-    if not math.isfinite(loss_value):
-        return loss_value, time.perf_counter() - started
-    accelerator.backward(loss)
+    targets = [int((batch["labels"] != IGNORE).sum()) for batch in batches]
+    loss_value = 0.0
+    for i, (batch, count) in enumerate(zip(batches, targets)):
+        # Processes synchronise gradients once, after the last micro-batch.
+        with accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss = model(**batch) * (count / sum(targets))
+            loss_value += accelerator.reduce(loss.detach(), reduction="mean").item()
+            if not math.isfinite(loss_value):
+                return loss_value, time.perf_counter() - started
+            accelerator.backward(loss)
     if grad_clip:
         accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     optimizer.step()  # under fp16, the gradient scaler skips steps with inf/nan gradients

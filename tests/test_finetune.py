@@ -279,3 +279,21 @@ def test_robustness_damages_each_way_and_scores_each(trained_run, tiny_dataset, 
         if kind != "clean":
             damaged = np.asarray(Image.open(tmp_path / kind.replace(" ", "_") / "images" / "00000.png"))
             assert damaged.shape != clean.shape or not np.array_equal(damaged, clean), kind
+
+
+def test_gradient_accumulation_follows_the_big_batch_trajectory(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    """Batch 4 x 2 accumulation steps and batch 8 see the same images per optimizer step and,
+    each micro-batch weighted by its share of the target tokens, the same gradient: the same
+    losses up to float rounding (stated tolerance: rel 1e-4), the same steps and learning rates."""
+    common = ("--epochs", "3", "--lora_dropout", "0", "--save_every", "0", "--num_shots", "1")
+    big = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path / "big", *common,
+                                               "--batch_size", "8"))
+    accumulated = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path / "acc", *common,
+                                                       "--batch_size", "4", "--gradient_accumulation_steps", "2"))
+    assert big.returncode == 0 and accumulated.returncode == 0, accumulated.stderr[-3000:]
+    records = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+               for name in ("big", "acc")}
+    steps = {name: [(r["step"], r["lr"]) for r in rs if "loss" in r and "eval" not in r] for name, rs in records.items()}
+    assert steps["big"] == steps["acc"] and len(steps["big"]) == 6  # 22 training images // 8 = 2 steps an epoch
+    for (step, loss), (_, reference) in zip(losses(tmp_path / "acc"), losses(tmp_path / "big")):
+        assert loss == pytest.approx(reference, rel=1e-4), f"step {step}"
