@@ -72,8 +72,9 @@ def best(run_dir: str | Path) -> Path | None:
 def _update_best(run_dir: Path):
     """Point `best` at the checkpoint with the highest validation exact match (the later one
     of equals); checkpoints saved without a validation at their step are not candidates."""
-    scored = [(read_state(p)["validation"]["exact_match"], read_state(p)["step"], p.name)
-              for p in folders(run_dir) if read_state(p).get("validation")]
+    states = [(read_state(p), p.name) for p in folders(run_dir)]
+    scored = [(state["validation"]["exact_match"], state["step"], name) for state, name in states
+              if state.get("validation")]
     if scored:
         temporary = run_dir / ".best"
         temporary.write_text(max(scored)[2] + "\n")
@@ -97,9 +98,9 @@ def find(path: str | Path) -> tuple[Path, str]:
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: the folder does not exist")
     if (chosen := best(path)) is not None:
-        scores = read_state(chosen)["validation"]
-        return chosen, f"the run's best: validation exact match {scores['exact_match']:.3f} at step " \
-                       f"{read_state(chosen)['step']}"
+        state = read_state(chosen)
+        return chosen, f"the run's best: validation exact match {state['validation']['exact_match']:.3f} at " \
+                       f"step {state['step']}"
     found = folders(path)
     epochs = [p for p in found if p.name.startswith("epoch-")]
     if found:

@@ -36,7 +36,7 @@ import checkpoint
 import data
 import dsl
 import hardware
-from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, _setting, llm_shape, with_examples
+from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, _setting, choose_dtype, with_examples
 from tracking import RunLog
 
 
@@ -169,10 +169,10 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
 def set_up(config: ModelConfig, train: TrainConfig) -> tuple[Accelerator, torch.dtype]:
     """The device, the precision (measured when auto) and the seeds."""
     device = hardware.pick_device(train.device)
-    if train.dtype not in ("auto", *hardware.DTYPES):
-        raise SettingsError(f"--dtype must be auto or one of {', '.join(hardware.DTYPES)}, not {train.dtype!r}")
-    dtype, why = hardware.choose_dtype(train.dtype, device, *(llm_shape(config.llm) if train.dtype == "auto"
-                                                              and device.type == "cpu" else (0, 0)))
+    try:
+        dtype, why = choose_dtype(train.dtype, device, config.llm)
+    except ValueError as error:  # an unknown --dtype
+        raise SettingsError(str(error)) from None
     mixed_precision = hardware.mixed_precision_for(dtype, train.mixed_precision)
     if mixed_precision == "fp16" and device.type != "cuda":
         raise SettingsError("FP16 training (--dtype float16 / --mixed_precision fp16) needs a CUDA GPU; on a CPU "
@@ -295,8 +295,7 @@ def validate(reader: DiagramReader, val_rows, val_features, train: TrainConfig, 
     loss on all of them with loss_over_all), logged with a few predictions. Full test
     scores are inference.py's job."""
     reader.eval()
-    example_features = reader.vision.encode([image for image, _ in reader.examples])
-    example_dsls = [text for _, text in reader.examples]
+    example_features, example_dsls = reader.prompt_examples()
     n = min(train.eval_samples, len(val_rows))
     n_loss = len(val_rows) if loss_over_all else n
     total_loss = 0.0

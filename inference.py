@@ -28,7 +28,7 @@ import data
 import dsl
 import hardware
 import renderer
-from model import CheckpointError, DiagramReader, _setting, llm_shape
+from model import CheckpointError, DiagramReader, _setting, choose_dtype
 
 
 @dataclass
@@ -108,11 +108,8 @@ def load(args: Arguments) -> DiagramReader:
     folder, why = checkpoint.find(args.checkpoint)
     print(f"checkpoint {folder} ({why})", file=sys.stderr)
     device = hardware.pick_device(args.device)
-    if args.dtype == "auto" and device.type == "cpu":
-        saved = json.loads((folder / "config.json").read_text())
-        dtype, reason = hardware.choose_dtype("auto", device, *llm_shape(args.llm or saved["llm"]))
-    else:
-        dtype, reason = hardware.choose_dtype(args.dtype, device, 0, 0)
+    llm = args.llm or json.loads((folder / "config.json").read_text())["llm"]
+    dtype, reason = choose_dtype(args.dtype, device, llm)
     print(reason, file=sys.stderr)
     return DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm).to(device).eval()
 

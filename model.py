@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data
 import dsl
+import hardware
 
 IMAGE_START, IMAGE_END = "<start_of_image>", "<end_of_image>"
 NEW_TOKENS = [*dsl.DSL_TOKENS, IMAGE_START, IMAGE_END]
@@ -237,6 +238,13 @@ def llm_shape(name: str) -> tuple[int, int]:
     location, extra = _llm_location(name)
     config = AutoConfig.from_pretrained(location, **extra)
     return config.hidden_size, config.intermediate_size
+
+
+def choose_dtype(requested: str, device: torch.device, llm_name: str) -> tuple[str, str]:
+    """hardware.choose_dtype on the LLM's own MLP shape, read from its config only when it
+    is to be measured (--dtype auto on a CPU)."""
+    measured = requested == "auto" and device.type == "cpu"
+    return hardware.choose_dtype(requested, device, *(llm_shape(llm_name) if measured else (0, 0)))
 
 
 def _words(token: str) -> str:
@@ -466,18 +474,21 @@ class DiagramReader(nn.Module):
             confidences.append(min(row_probabilities[:length]))
         return texts, confidences
 
+    def prompt_examples(self) -> tuple[torch.Tensor, list[str]]:
+        """The solved examples as the prompt shows them: vision features [shots, T, D], DSL texts."""
+        return self.vision.encode([image for image, _ in self.examples]), [text for _, text in self.examples]
+
     @torch.no_grad()
     def read(self, features: torch.Tensor, batch_size: int = 32, constrained: bool = True,
              progress=None) -> tuple[list[str], list[float]]:
         """Raw DSL and confidence for the images whose vision features are `features` [N, T, D],
         each after the model's solved examples."""
         self.eval()
-        example_dsls = [text for _, text in self.examples]
-        example_features = self.vision.encode([image for image, _ in self.examples]) if self.examples else None
+        example_features, example_dsls = self.prompt_examples()
         texts, confidences = [], []
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
-            images = with_examples(example_features, chunk) if example_features is not None else chunk[:, None]
+            images = with_examples(example_features, chunk)
             batch_texts, batch_confidences = self.generate(images, [example_dsls] * len(chunk), constrained)
             texts += batch_texts
             confidences += batch_confidences
