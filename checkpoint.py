@@ -127,8 +127,9 @@ def resume_point(output_dir: str, resume: str, config: ModelConfig) -> Path | No
 
 def check_resumable(folder: Path, config: ModelConfig):
     """Refuse to resume a checkpoint made with other model settings, naming them."""
-    saved = json.loads((folder / "config.json").read_text())
-    differ = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in asdict(config).items() if saved.get(k) != v]
+    # Settings added since the checkpoint was made take their defaults.
+    saved = asdict(type(config).from_dict(json.loads((folder / "config.json").read_text())))
+    differ = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in asdict(config).items() if saved[k] != v]
     if differ:
         raise CheckpointError(f"cannot resume from {folder}: it was made for another model ("
                               + "; ".join(differ) + "). Resume with the same model settings, or start a new "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import random
 import signal
@@ -51,6 +52,10 @@ class TrainConfig:
                                   "float32, bfloat16 or float16")
     mixed_precision: str = _setting("auto", "accelerate's autocast: auto (fp16 with a gradient scaler for float16 "
                                             "weights, else no), no, fp16, bf16")
+    gradient_checkpointing: bool = _setting(False, "recompute each layer's activations during the backward pass: "
+                                                   "less memory, about a third more time a step")
+    load_in_4bit: bool = _setting(False, "QLoRA: the frozen LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA "
+                                         "only), computing in --dtype; the adapter also loads onto the full base")
     epochs: int = _setting(1, "passes over the training images: varied images teach more than repeated ones")
     batch_size: int = _setting(8, "images per micro-batch and process")
     gradient_accumulation_steps: int = _setting(1, "micro-batches per optimizer step: the effective batch is "
@@ -114,8 +119,10 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
                              f"{accelerator.num_processes} process(es) and {config.num_shots} shots")
     total_steps = steps_per_epoch * train.epochs
 
-    reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True) if resume_from
-              else DiagramReader.build(config, dtype))
+    reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True, load_in_4bit=train.load_in_4bit)
+              if resume_from else DiagramReader.build(config, dtype, train.load_in_4bit))
+    if train.gradient_checkpointing:
+        reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_features, val_features = encode_images(reader, train_rows, val_rows, accelerator)
     if not resume_from:
         reader.projector.set_feature_statistics(train_features)
@@ -146,7 +153,8 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
             end_of_epoch = step % steps_per_epoch == 0
             scores = None
-            if (train.eval_every and step % train.eval_every == 0) or end_of_epoch:
+            # The main process validates and saves; the others wait for it at the next step.
+            if accelerator.is_main_process and ((train.eval_every and step % train.eval_every == 0) or end_of_epoch):
                 scores = validate(reader, val_rows, val_features, train, accelerator, log, step, bar,
                                   loss_over_all=end_of_epoch)
             name = (f"epoch-{step // steps_per_epoch:02d}" if end_of_epoch else f"step-{step:07d}"
@@ -177,6 +185,11 @@ def set_up(config: ModelConfig, train: TrainConfig) -> tuple[Accelerator, torch.
     if mixed_precision == "fp16" and device.type != "cuda":
         raise SettingsError("FP16 training (--dtype float16 / --mixed_precision fp16) needs a CUDA GPU; on a CPU "
                             "use --dtype auto (or float32, bfloat16) and --mixed_precision no")
+    if train.load_in_4bit and device.type != "cuda":
+        raise SettingsError("--load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
+                            f"this {device.type}; train without it (the full base in --dtype)")
+    if train.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise SettingsError("--load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
     accelerator.print(f"{hardware.describe(accelerator.device)}\n{why}; mixed precision {mixed_precision}")
     set_seed(train.seed)

@@ -28,7 +28,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import data
 import dsl
 import hardware
+import llama_shape
 
 IMAGE_START, IMAGE_END = "<start_of_image>", "<end_of_image>"
 NEW_TOKENS = [*dsl.DSL_TOKENS, IMAGE_START, IMAGE_END]
@@ -62,8 +63,11 @@ class ModelConfig:
     """Everything it takes to rebuild the model: saved with every checkpoint as config.json.
     The defaults are the embedded CPU configuration; configs/llama3-8b.yaml is the reference one."""
 
-    llm: str = _setting(SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, a local folder "
-                                 "or a .gguf file")
+    llm: str = _setting(SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, a local folder, "
+                                 "a .gguf file, or llama3.1-8b-shape (Llama-3.1-8B's shape and tokenizer, "
+                                 "random weights: llama_shape.py)")
+    llm_layers: int = _setting(0, "keep only the LLM's first N decoder layers (0: all); each layer kept costs "
+                                  "time and memory in every step")
     clip_model: str = _setting("ViT-B-32", "an open_clip architecture, or a .json file of one")
     clip_pretrained: str = _setting("none", "open_clip weights (laion2b_s34b_b79k), a local file, or none: "
                                             "random weights (no hub here)")
@@ -225,6 +229,8 @@ def _smollm2_path() -> Path:
 
 def _llm_location(name: str) -> tuple[str, dict]:
     """(folder or hub id, extra from_pretrained arguments) of an --llm value."""
+    if llama_shape.is_shape(name):
+        raise ValueError(f"{name} is built, not loaded: llama_shape.build")
     if name == SMOLLM2 or name.endswith(".gguf"):
         path = _smollm2_path() if name == SMOLLM2 else Path(name)
         if not path.is_file():
@@ -235,8 +241,11 @@ def _llm_location(name: str) -> tuple[str, dict]:
 
 def llm_shape(name: str) -> tuple[int, int]:
     """(hidden size, MLP size) from the LLM's config alone, without loading its weights."""
-    location, extra = _llm_location(name)
-    config = AutoConfig.from_pretrained(location, **extra)
+    if llama_shape.is_shape(name):
+        config = llama_shape.config()
+    else:
+        location, extra = _llm_location(name)
+        config = AutoConfig.from_pretrained(location, **extra)
     return config.hidden_size, config.intermediate_size
 
 
@@ -253,14 +262,35 @@ def _words(token: str) -> str:
     return " " + re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
 
 
-def load_llm(name: str, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer, with NEW_TOKENS added (one token each) and their
-    embeddings initialised from the words they stand for ('<TopLeft>' from ' top left')."""
-    location, extra = _llm_location(name)
-    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    # GGUF weights are de-quantized to float32 on loading: load them so, then cast.
-    llm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32 if extra else dtype, **extra)
-    llm.to(dtype)
+def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, load_in_4bit: bool = False):
+    """A causal LM (its first `layers` decoder layers, or all) and its tokenizer, with NEW_TOKENS
+    added (one token each) and their embeddings initialised from the words they stand for
+    ('<TopLeft>' from ' top left'). load_in_4bit: QLoRA's base, its linear layers in NF4 on
+    the GPU (bitsandbytes), computing in `dtype`."""
+    if llama_shape.is_shape(name):
+        if load_in_4bit:
+            raise ValueError(f"--load_in_4bit quantizes while loading from a folder: write {name} to one "
+                             "with `python llama_shape.py --out DIR` and pass --llm DIR")
+        llm, tokenizer = llama_shape.build(dtype, layers)
+    else:
+        location, extra = _llm_location(name)
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        if load_in_4bit:
+            from transformers import BitsAndBytesConfig
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+            extra["device_map"] = {"": torch.cuda.current_device()}
+        # GGUF weights are de-quantized to float32 on loading: load them so, then cast.
+        llm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32 if "gguf_file" in extra else dtype,
+                                                   **extra)
+        if not load_in_4bit:
+            llm.to(dtype)
+    if layers:
+        if not 1 <= layers <= len(llm.model.layers):
+            raise ValueError(f"llm_layers {layers}: {name} has {len(llm.model.layers)} layers")
+        llm.model.layers = llm.model.layers[:layers]
+        llm.config.num_hidden_layers = layers
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
     old_vocab = len(tokenizer)
@@ -316,12 +346,15 @@ class DiagramReader(nn.Module):
         self.max_dsl_tokens = len(self.dsl_ids(dsl.to_text(FULL_DIAGRAM)))
 
     @classmethod
-    def build(cls, config: ModelConfig, dtype=torch.float32) -> "DiagramReader":
-        """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM.
-        The projector's feature statistics are set later, from the training images."""
+    def build(cls, config: ModelConfig, dtype=torch.float32, load_in_4bit: bool = False) -> "DiagramReader":
+        """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM
+        (QLoRA with load_in_4bit). The projector's feature statistics are set later, from the
+        training images."""
         vision = VisionEncoder(config)
-        llm, tokenizer = load_llm(config.llm, dtype)
+        llm, tokenizer = load_llm(config.llm, dtype, config.llm_layers, load_in_4bit)
         base = fingerprint([llm.get_input_embeddings().weight])
+        if load_in_4bit:
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm = get_peft_model(llm, lora_config(config, llm, tokenizer.convert_tokens_to_ids(NEW_TOKENS)))
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
         return cls(config, vision, projector, llm, tokenizer, base)
@@ -350,7 +383,7 @@ class DiagramReader(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype=torch.float32, llm_name: str = "",
-                        trainable: bool = False) -> "DiagramReader":
+                        trainable: bool = False, load_in_4bit: bool = False) -> "DiagramReader":
         """A saved model, for inference or (trainable) to resume training; `llm_name` loads
         the base LLM from elsewhere than config.json says (the same model, moved). Refuses,
         with a CheckpointError that says why, a checkpoint whose files are missing or whose
@@ -369,12 +402,14 @@ class DiagramReader(nn.Module):
         check_same_models(config, saved, vision.facts())
         config.llm = llm_name or config.llm
         try:
-            llm, tokenizer = load_llm(config.llm, dtype)
+            llm, tokenizer = load_llm(config.llm, dtype, config.llm_layers, load_in_4bit)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
         base = fingerprint([llm.get_input_embeddings().weight])
         check_same_models(config, saved, {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer),
                                           "llm_fingerprint": base})
+        if load_in_4bit and trainable:
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
         projector.load_state_dict(load_file(folder / "projector.safetensors"))

@@ -99,13 +99,19 @@ def test_resume_refuses_a_checkpoint_of_another_model(trained_run, tiny_llm_unti
     assert "another model" in result.stderr and "llm:" in result.stderr and "num_shots" in result.stderr
 
 
-def test_killed_run_resumes_on_the_same_trajectory(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
-    args = ("--epochs", "6", "--save_every", "3", "--lora_dropout", "0.1", "--num_shots", "1")
+@pytest.mark.parametrize("accumulation, total_steps", [(1, 30), (2, 12)])
+def test_killed_run_resumes_on_the_same_trajectory(accumulation, total_steps, tiny_llm, tiny_clip, tiny_dataset,
+                                                    tmp_path):
+    """Killed at any moment (with accumulation, most moments are inside an optimizer step's
+    cycle of micro-batches), the run resumes from its last checkpoint, which lies between
+    optimizer steps, and repeats the unfinished step whole: the losses of an unbroken run."""
+    args = ("--epochs", "6", "--save_every", "3", "--lora_dropout", "0.1", "--num_shots", "1",
+            "--gradient_accumulation_steps", str(accumulation))
     straight = tmp_path / "straight"
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, straight, *args))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = losses(straight)
-    assert len(expected) == 30
+    assert len(expected) == total_steps
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"),
@@ -117,13 +123,13 @@ def test_killed_run_resumes_on_the_same_trajectory(tiny_llm, tiny_clip, tiny_dat
     process.send_signal(signal.SIGKILL)
     process.wait()
     done_before_kill = losses(killed)
-    assert 3 <= len(done_before_kill) < 30, "the kill came after the run had ended"
+    assert 3 <= len(done_before_kill) < total_steps, "the kill came after the run had ended"
 
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, killed, *args, "--resume", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     resumed = losses(killed)
-    assert [s for s, _ in resumed] == list(range(1, 31))
+    assert [s for s, _ in resumed] == list(range(1, total_steps + 1))
     for (step, loss), (_, reference) in zip(resumed, expected):
         assert loss == pytest.approx(reference, rel=1e-5, abs=1e-6), f"step {step}"
 
@@ -297,3 +303,65 @@ def test_gradient_accumulation_follows_the_big_batch_trajectory(tiny_llm, tiny_c
     assert steps["big"] == steps["acc"] and len(steps["big"]) == 6  # 22 training images // 8 = 2 steps an epoch
     for (step, loss), (_, reference) in zip(losses(tmp_path / "acc"), losses(tmp_path / "big")):
         assert loss == pytest.approx(reference, rel=1e-4), f"step {step}"
+
+
+def test_two_processes_train_log_and_checkpoint_once_and_resume(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    """Data-parallel through accelerate's launcher (torchrun underneath; on CPUs gloo): each
+    process takes its share of every step, the main one alone logs, validates and saves."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py")]
+    args = tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--device", "cpu", "--batch_size", "2")
+    first = subprocess.run([*launch, *args, "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "5 steps per epoch" in first.stdout  # 22 images // (2 per process x 2 processes)
+    resumed = subprocess.run([*launch, *args, "--epochs", "2", "--resume", "auto"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert [s for s, _ in losses(tmp_path)] == list(range(1, 11))  # each step logged once
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["eval"]["step"] for r in records if "eval" in r] == [5, 10]
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-01", "epoch-02"]
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradients(tiny_llm, tiny_clip):
+    """With checkpointing, each decoder layer runs twice a step (forward, then again in the
+    backward pass) and the gradients are the same."""
+    from conftest import tiny_config
+
+    def gradients(checkpointing: bool):
+        torch.manual_seed(0)
+        reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, lora_dropout=0.0))
+        if checkpointing:
+            reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reader.train()
+        calls = []
+        reader.llm.base_model.model.model.layers[0].input_layernorm.register_forward_pre_hook(
+            lambda *_: calls.append(1))  # its first module: the recomputation may stop before the last
+        features = torch.randn(2, 1, *reader.vision.feature_shape)
+        targets = ["<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>"] * 2
+        reader(**reader.collate(features, [[], []], targets)).backward()
+        return len(calls), {n: p.grad.clone() for n, p in reader.named_parameters() if p.grad is not None}
+
+    plain_calls, plain = gradients(False)
+    checkpointed_calls, checkpointed = gradients(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)
+    assert plain.keys() == checkpointed.keys() and any("lora_A" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_flag_trains_like_the_plain_run(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    common = ("--epochs", "1", "--save_every", "0", "--lora_dropout", "0")
+    plain = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path / "plain", *common))
+    checkpointed = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path / "ckpt", *common,
+                                                        "--gradient_checkpointing"))
+    assert plain.returncode == 0 and checkpointed.returncode == 0, checkpointed.stderr[-3000:]
+    for (step, loss), (_, reference) in zip(losses(tmp_path / "ckpt"), losses(tmp_path / "plain")):
+        assert loss == pytest.approx(reference, rel=1e-4), f"step {step}"
+
+
+def test_load_in_4bit_on_a_cpu_refuses_in_one_line(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--load_in_4bit"))
+    assert result.returncode == 2
+    assert "--load_in_4bit (QLoRA) needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,95 @@
+"""The reference configuration at Llama-3.1-8B's real width and tokenizer (random weights,
+one layer): what a user with the real weights runs, short of the other 31 layers."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dsl
+import llama_shape
+import model
+from conftest import ROOT
+from test_finetune import run_script
+
+LLAMA = ["--llm", llama_shape.NAME, "--llm_layers", "1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return llama_shape.tokenizer()
+
+
+def test_the_tokenizer_is_llama_3s_with_its_special_tokens_at_their_ids(tokenizer):
+    assert len(tokenizer) == 128256
+    assert tokenizer("Read the diagram.").input_ids == [128000, 4518, 279, 13861, 13]  # BOS, then the text
+    for name, id_ in [("<|begin_of_text|>", 128000), ("<|end_of_text|>", 128001), ("<|finetune_right_pad_id|>", 128004),
+                      ("<|eot_id|>", 128009), ("<|image|>", 128011)]:
+        assert tokenizer.convert_tokens_to_ids(name) == id_
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (128000, 128001)
+    assert tokenizer.decode(tokenizer(" top left\n\n x").input_ids, skip_special_tokens=True) == " top left\n\n x"
+
+
+def test_the_config_is_llama_3_1_8bs():
+    config = llama_shape.config()
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 14336, 32)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (32, 8, 128256)
+    assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_theta"] == 500000.0
+    assert not config.tie_word_embeddings and llama_shape.config(2).num_hidden_layers == 2
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_dataset):
+    """configs/llama3-8b.yaml on the full-width shape with one layer: 5 steps of batch 4 with
+    one shot, FP32 (FP16 needs a GPU), the random ViT-B-32 (no hub); no warm-up, so that 5
+    steps at the reference learning rate move the weights measurably."""
+    run_dir = tmp_path_factory.mktemp("llama_run")
+    result = run_script("finetune.py", str(ROOT / "configs/llama3-8b.yaml"), *LLAMA, "--clip_pretrained", "none",
+                        "--dtype", "float32", "--mixed_precision", "no", "--epochs", "1", "--image_size", "64",
+                        "--data_csv", str(tiny_dataset / "data.csv"), "--output_dir", str(run_dir),
+                        "--eval_samples", "2", "--warmup_steps", "1", "--wandb_mode", "disabled", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_the_prompt_has_one_bos_masked_padding_and_one_token_per_tag(reference_run):
+    reader = model.DiagramReader.from_pretrained(reference_run / "epoch-01")
+    assert reader.config.num_shots == 1 and reader.llm.config.vocab_size == 128256 + len(model.NEW_TOKENS)
+    for token in model.NEW_TOKENS:
+        assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1, token
+    short, long = "<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>", dsl.to_text(model.FULL_DIAGRAM)
+    features = torch.zeros(2, 2, *reader.vision.feature_shape)
+    batch = reader.collate(features, [[short], [long]], [short, long])
+    bos = reader.tokenizer.bos_token_id
+    for row, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        real = row[mask.bool()]
+        assert (real == bos).sum() == 1 and real[0] == bos  # once, first
+        assert (labels[~mask.bool()] == model.IGNORE).all()  # padding never carries loss
+    assert (batch["attention_mask"][0] == 0).any()  # the short row was padded
+
+
+def test_the_checkpoint_holds_the_adapter_and_the_new_rows_not_the_embedding_matrices(reference_run):
+    adapter = reference_run / "epoch-01" / "adapter" / "adapter_model.safetensors"
+    assert adapter.stat().st_size < 20e6  # the two 128k x 4096 matrices would be 4 GB in FP32
+    with safe_open(adapter, "pt") as saved:
+        rows = {k: saved.get_tensor(k) for k in saved.keys() if "trainable_tokens" in k}
+    lm_head = [v for k, v in rows.items() if "lm_head" in k]
+    assert len(rows) == 2 and lm_head and lm_head[0].shape == (len(model.NEW_TOKENS), 4096)
+    # The untied lm_head's new rows trained: they moved away from their initial values.
+    llm, tokenizer = model.load_llm(llama_shape.NAME, torch.float32, layers=1)
+    ids = tokenizer.convert_tokens_to_ids(model.NEW_TOKENS)
+    initial = llm.get_output_embeddings().weight[ids]
+    assert (lm_head[0] - initial).abs().max() > 2e-5  # ~5 Adam steps of lr 5e-5
+
+
+def test_inference_reads_test_images_with_the_reference_checkpoint(reference_run, tiny_dataset, tmp_path):
+    out = tmp_path / "predictions.csv"
+    result = run_script("inference.py", "--checkpoint", str(reference_run / "epoch-01"), "--csv",
+                        str(tiny_dataset / "test.csv"), "--dtype", "float32", "--out", str(out), "--eval", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["n"] == 6 and scores["valid_rate"] == 1.0  # grammar-constrained, even untrained
+    assert len(out.read_text().splitlines()) == 1 + 6
+    state = json.loads((reference_run / "epoch-01" / "state.json").read_text())
+    assert state["step"] == 5  # 21 training rows // batch 4
