@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ def main(argv: list[str]) -> dict:
     config, train, bench = finetune.parse_configs(argv, BenchmarkConfig)
     accelerator, dtype = finetune.set_up(config, train)
     device = accelerator.device
-    reader = DiagramReader.build(config, dtype)
+    reader = finetune.load_model(config, train, dtype)
     optimizer, scheduler = finetune.make_optimizer(reader, train, total_steps=bench.steps + 1)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     rng = random.Random(0)
@@ -63,12 +62,12 @@ def main(argv: list[str]) -> dict:
         finetune.train_step(model, [batch], optimizer, scheduler, accelerator, train.grad_clip)
     step_flops = counter.get_total_flops()
     tokens = int(batch["attention_mask"].sum())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    hardware.reset_peak_memory(device)
     seconds = sorted(step() for _ in range(bench.steps))
     step_seconds = seconds[len(seconds) // 2]  # the median: robust to a hiccup of the machine
 
-    peak = hardware.matmul_gflops(dtype, 2048, 2048, 2048, device, seconds=0.5)
+    side = 8192 if device.type == "cuda" else 2048  # large enough to reach the machine's peak
+    peak = hardware.matmul_gflops(dtype, side, side, side, device, seconds=0.5)
     hidden, intermediate = reader.llm.config.hidden_size, reader.llm.config.intermediate_size
     mlp = hardware.matmul_gflops(dtype, tokens, hidden, intermediate, device, seconds=0.3)
 
@@ -95,10 +94,9 @@ def main(argv: list[str]) -> dict:
         "generate_images_per_second_batch1": round(batch1, 2),
         "generate_images_per_second_batch32": round(batch32, 2),
         "generate_batch32_over_batch1": round(batch32 / batch1, 2),
-        "peak_cpu_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        # GPU: allocated; CPU: the process's resident size (RSS)
+        "peak_memory_gib": round(hardware.peak_memory_gib(device), 2),
     }
-    if device.type == "cuda":
-        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
 
 

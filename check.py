@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 import benchmark
 import finetune
-from model import DiagramReader
+import hardware
 
 
 def count_rows(csv_path: str) -> int | None:
@@ -34,38 +33,18 @@ def count_rows(csv_path: str) -> int | None:
         return max(0, sum(1 for _ in csv.reader(f)) - 1)  # the header off; rows not checked here
 
 
-def reset_peak_memory(device):
-    """Forget the peak so far (model loading's), so the next reading is the step's own."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the process's peak RSS (VmHWM)
-
-
-def peak_memory_gib(device) -> float:
-    """GPU: the most memory allocated since the reset; CPU: the process's peak resident size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def check(argv: list[str]) -> str:
     config, train = finetune.parse_configs(argv)
     accelerator, dtype = finetune.set_up(config, train)  # prints the device and the dtype's reason
     device = accelerator.device
     started = time.perf_counter()
-    reader = DiagramReader.build(config, dtype)
+    reader = finetune.load_model(config, train, dtype)
     print(f"loaded CLIP {config.clip_model} ({config.clip_pretrained}) and LLM {config.llm} in "
           f"{time.perf_counter() - started:.0f} s; image features {tuple(reader.vision.feature_shape)}")
     optimizer, scheduler = finetune.make_optimizer(reader, train, total_steps=10)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     rng = random.Random(0)
-    reset_peak_memory(device)
+    hardware.reset_peak_memory(device)
     seconds = []
     for _ in range(3):  # the first step warms up; the last two are timed
         loss, step_seconds = finetune.train_step(model, [benchmark.random_batch(reader, train.batch_size, rng, device)],
@@ -73,7 +52,7 @@ def check(argv: list[str]) -> str:
         seconds.append(step_seconds)
     step_seconds = min(seconds[1:])
     print(f"training step: batch {train.batch_size}, loss {loss:.3f}, {step_seconds:.2f} s; peak memory "
-          f"{'allocated' if device.type == 'cuda' else 'of the process (RSS)'} {peak_memory_gib(device):.2f} GiB")
+          f"{'allocated' if device.type == 'cuda' else 'of the process (RSS)'} {hardware.peak_memory_gib(device):.2f} GiB")
     with accelerator.autocast():
         started = time.perf_counter()
         texts, _ = reader.read(torch.randn(4, *reader.vision.feature_shape), batch_size=4)

@@ -119,10 +119,7 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
                              f"{accelerator.num_processes} process(es) and {config.num_shots} shots")
     total_steps = steps_per_epoch * train.epochs
 
-    reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True, load_in_4bit=train.load_in_4bit)
-              if resume_from else DiagramReader.build(config, dtype, train.load_in_4bit))
-    if train.gradient_checkpointing:
-        reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reader = load_model(config, train, dtype, resume_from)
     train_features, val_features = encode_images(reader, train_rows, val_rows, accelerator)
     if not resume_from:
         reader.projector.set_feature_statistics(train_features)
@@ -130,6 +127,7 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
     optimizer, scheduler = make_optimizer(reader, train, total_steps)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
     step, start = restore(resume_from, optimizer, scheduler, accelerator)
+    hardware.reset_peak_memory(accelerator.device)  # the steps' peak memory is logged, not loading's
     log = RunLog(Path(train.output_dir), {**asdict(config), **asdict(train)}, train.wandb_project,
                  train.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
                  accelerator.is_main_process, resume_step=step)
@@ -145,9 +143,11 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
             step += 1
             if not math.isfinite(loss):
                 return stop_on_nan(step, loss, train, bar, accelerator)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                      "step_seconds": seconds, "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in batches) / seconds,
-                      "minutes": (time.time() - start) / 60}
+                      "step_seconds": seconds, "tokens_per_second": tokens / seconds,
+                      "minutes": (time.time() - start) / 60,
+                      "peak_memory_gib": hardware.peak_memory_gib(accelerator.device)}  # since loading
             log.step(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
@@ -194,6 +194,15 @@ def set_up(config: ModelConfig, train: TrainConfig) -> tuple[Accelerator, torch.
     accelerator.print(f"{hardware.describe(accelerator.device)}\n{why}; mixed precision {mixed_precision}")
     set_seed(train.seed)
     return accelerator, hardware.DTYPES[dtype]
+
+
+def load_model(config: ModelConfig, train: TrainConfig, dtype: torch.dtype, resume_from=None) -> DiagramReader:
+    """A new model, or the one a checkpoint holds, with the memory savers asked for."""
+    reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True, load_in_4bit=train.load_in_4bit)
+              if resume_from else DiagramReader.build(config, dtype, train.load_in_4bit))
+    if train.gradient_checkpointing:
+        reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return reader
 
 
 def split_data(train: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:

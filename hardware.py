@@ -8,7 +8,10 @@ candidate precision at start-up and takes the fastest.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -108,3 +111,25 @@ def mixed_precision_for(dtype: str, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     return "fp16" if dtype == "float16" else "no"
+
+
+def reset_peak_memory(device):
+    """Forget the peak so far (model loading's), so the next reading is the step's own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand memory freed while loading back to the system
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the process's peak RSS (VmHWM)
+
+
+def peak_memory_gib(device) -> float:
+    """GPU: the most memory allocated since the reset; CPU: the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

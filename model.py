@@ -229,8 +229,6 @@ def _smollm2_path() -> Path:
 
 def _llm_location(name: str) -> tuple[str, dict]:
     """(folder or hub id, extra from_pretrained arguments) of an --llm value."""
-    if llama_shape.is_shape(name):
-        raise ValueError(f"{name} is built, not loaded: llama_shape.build")
     if name == SMOLLM2 or name.endswith(".gguf"):
         path = _smollm2_path() if name == SMOLLM2 else Path(name)
         if not path.is_file():
@@ -239,13 +237,17 @@ def _llm_location(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def llm_shape(name: str) -> tuple[int, int]:
-    """(hidden size, MLP size) from the LLM's config alone, without loading its weights."""
+def llm_config(name: str):
+    """The LLM's config alone, without loading its weights."""
     if llama_shape.is_shape(name):
-        config = llama_shape.config()
-    else:
-        location, extra = _llm_location(name)
-        config = AutoConfig.from_pretrained(location, **extra)
+        return llama_shape.config()
+    location, extra = _llm_location(name)
+    return AutoConfig.from_pretrained(location, **extra)
+
+
+def llm_shape(name: str) -> tuple[int, int]:
+    """(hidden size, MLP size)."""
+    config = llm_config(name)
     return config.hidden_size, config.intermediate_size
 
 

@@ -1,5 +1,6 @@
 """The reference configuration at Llama-3.1-8B's real width and tokenizer (random weights,
-one layer): what a user with the real weights runs, short of the other 31 layers."""
+one layer), through gpu_proof.py's small path: what a user with the real weights runs,
+short of the other 31 layers."""
 
 import json
 
@@ -10,10 +11,7 @@ from safetensors import safe_open
 import dsl
 import llama_shape
 import model
-from conftest import ROOT
 from test_finetune import run_script
-
-LLAMA = ["--llm", llama_shape.NAME, "--llm_layers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +38,31 @@ def test_the_config_is_llama_3_1_8bs():
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_dataset):
-    """configs/llama3-8b.yaml on the full-width shape with one layer: 5 steps of batch 4 with
-    one shot, FP32 (FP16 needs a GPU), the random ViT-B-32 (no hub); no warm-up, so that 5
-    steps at the reference learning rate move the weights measurably."""
-    run_dir = tmp_path_factory.mktemp("llama_run")
-    result = run_script("finetune.py", str(ROOT / "configs/llama3-8b.yaml"), *LLAMA, "--clip_pretrained", "none",
-                        "--dtype", "float32", "--mixed_precision", "no", "--epochs", "1", "--image_size", "64",
-                        "--data_csv", str(tiny_dataset / "data.csv"), "--output_dir", str(run_dir),
-                        "--eval_samples", "2", "--warmup_steps", "1", "--wandb_mode", "disabled", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+def proof(tmp_path_factory):
+    """gpu_proof.py --small: configs/llama3-8b.yaml at full width with one layer (batch 4, one
+    shot; dtype auto, as FP16 needs a GPU; the random ViT-B-32): benchmark.py's steps and
+    generation, then the shape written as a folder, finetune.py on it and inference.py."""
+    work = tmp_path_factory.mktemp("proof")
+    result = run_script("gpu_proof.py", "--small", "--work_dir", str(work), timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return work, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_the_prompt_has_one_bos_masked_padding_and_one_token_per_tag(reference_run):
-    reader = model.DiagramReader.from_pretrained(reference_run / "epoch-01")
+def test_the_proofs_small_path_measures_training_and_generation_and_reads_back(proof):
+    _, results = proof
+    lora = results["lora"]
+    assert lora["llm"] == llama_shape.NAME and lora["batch_size"] == 4
+    assert lora["tokens_per_step"] > 4 * 2 * 49  # two images of 49 tokens a row, and text
+    assert lora["train_step_seconds"] > 0 and 0 < lora["train_step_share_of_peak"] < 1.5
+    folder = results["folder_base"]
+    assert folder["steps"] == 9  # 36 training images // batch 4
+    read_back = folder["read_back_on_the_unquantised_base"]
+    assert read_back["n"] == 8 and read_back["valid_rate"] == 1.0  # grammar-constrained, even untrained
+
+
+def test_the_prompt_has_one_bos_masked_padding_and_one_token_per_tag(proof):
+    work, _ = proof
+    reader = model.DiagramReader.from_pretrained(work / "run" / "epoch-01", llm_name=str(work / "llama3.1-8b-shape"))
     assert reader.config.num_shots == 1 and reader.llm.config.vocab_size == 128256 + len(model.NEW_TOKENS)
     for token in model.NEW_TOKENS:
         assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1, token
@@ -69,27 +77,15 @@ def test_the_prompt_has_one_bos_masked_padding_and_one_token_per_tag(reference_r
     assert (batch["attention_mask"][0] == 0).any()  # the short row was padded
 
 
-def test_the_checkpoint_holds_the_adapter_and_the_new_rows_not_the_embedding_matrices(reference_run):
-    adapter = reference_run / "epoch-01" / "adapter" / "adapter_model.safetensors"
+def test_the_checkpoint_holds_the_adapter_and_the_new_rows_not_the_embedding_matrices(proof):
+    work, _ = proof
+    adapter = work / "run" / "epoch-01" / "adapter" / "adapter_model.safetensors"
     assert adapter.stat().st_size < 20e6  # the two 128k x 4096 matrices would be 4 GB in FP32
     with safe_open(adapter, "pt") as saved:
         rows = {k: saved.get_tensor(k) for k in saved.keys() if "trainable_tokens" in k}
     lm_head = [v for k, v in rows.items() if "lm_head" in k]
     assert len(rows) == 2 and lm_head and lm_head[0].shape == (len(model.NEW_TOKENS), 4096)
     # The untied lm_head's new rows trained: they moved away from their initial values.
-    llm, tokenizer = model.load_llm(llama_shape.NAME, torch.float32, layers=1)
-    ids = tokenizer.convert_tokens_to_ids(model.NEW_TOKENS)
-    initial = llm.get_output_embeddings().weight[ids]
-    assert (lm_head[0] - initial).abs().max() > 2e-5  # ~5 Adam steps of lr 5e-5
-
-
-def test_inference_reads_test_images_with_the_reference_checkpoint(reference_run, tiny_dataset, tmp_path):
-    out = tmp_path / "predictions.csv"
-    result = run_script("inference.py", "--checkpoint", str(reference_run / "epoch-01"), "--csv",
-                        str(tiny_dataset / "test.csv"), "--dtype", "float32", "--out", str(out), "--eval", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    scores = json.loads(result.stdout.strip().splitlines()[-1])
-    assert scores["n"] == 6 and scores["valid_rate"] == 1.0  # grammar-constrained, even untrained
-    assert len(out.read_text().splitlines()) == 1 + 6
-    state = json.loads((reference_run / "epoch-01" / "state.json").read_text())
-    assert state["step"] == 5  # 21 training rows // batch 4
+    llm, tokenizer = model.load_llm(str(work / "llama3.1-8b-shape"), torch.float32)
+    initial = llm.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(model.NEW_TOKENS)]
+    assert (lm_head[0] - initial).abs().max() > 5e-5  # 9 Adam steps of lr 5e-5 without warm-up
