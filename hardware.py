@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 import resource
 import time
@@ -133,3 +134,8 @@ def peak_memory_gib(device) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cache_dir() -> Path:
+    """Where files made once on this machine are kept (converted models and tokenizers)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diagram-reader"

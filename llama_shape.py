@@ -19,12 +19,13 @@ a transformers fast tokenizer once and cached beside it in ~/.cache.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import hardware
 
 NAME = "llama3.1-8b-shape"
 
@@ -67,7 +68,7 @@ def _tiktoken_file() -> Path:
 def tokenizer() -> PreTrainedTokenizerFast:
     """Llama 3's tokenizer: 128,000 BPE tokens, then the 256 special tokens at 128000-128255;
     BOS (<|begin_of_text|>) added in front of every text, as the hub's tokenizer does."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diagram-reader" / "llama3-tokenizer"
+    cache = hardware.cache_dir() / "llama3-tokenizer"
     if (cache / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(cache)
     from tokenizers import processors

@@ -20,7 +20,10 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import json
+import os
 import re
+import shutil
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -233,8 +236,36 @@ def _llm_location(name: str) -> tuple[str, dict]:
         path = _smollm2_path() if name == SMOLLM2 else Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(_gguf_as_folder(path)), {}
     return name, {}
+
+
+def _gguf_as_folder(path: Path) -> Path:
+    """A GGUF file as a transformers folder (config, tokenizer, float32 weights), made once
+    and cached: reading the GGUF itself (its 49k-token vocabulary parsed field by field, the
+    weights de-quantized) takes ~10 s on every load, the folder ~1 s."""
+    stat = path.stat()
+    folder = hardware.cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"converting {path.name} to a transformers folder in {folder} (once)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    llm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}")
+    partial.mkdir(parents=True)
+    # transformers will not save a model loaded from GGUF; its de-quantized weights are plain tensors.
+    weights = {k: v.contiguous() for k, v in llm.state_dict().items()
+               if not (k == "lm_head.weight" and llm.config.tie_word_embeddings)}
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    if hasattr(llm.config, "quantization_config"):
+        del llm.config.quantization_config  # the folder's weights are plain float32
+    llm.config.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(folder)  # complete or absent, whoever else converts at the same time
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 def llm_config(name: str):
@@ -283,9 +314,7 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, loa
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype)
             extra["device_map"] = {"": torch.cuda.current_device()}
-        # GGUF weights are de-quantized to float32 on loading: load them so, then cast.
-        llm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32 if "gguf_file" in extra else dtype,
-                                                   **extra)
+        llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
         if not load_in_4bit:
             llm.to(dtype)
     if layers:
@@ -385,9 +414,11 @@ class DiagramReader(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype=torch.float32, llm_name: str = "",
-                        trainable: bool = False, load_in_4bit: bool = False) -> "DiagramReader":
+                        trainable: bool = False, load_in_4bit: bool = False, merge: bool = False) -> "DiagramReader":
         """A saved model, for inference or (trainable) to resume training; `llm_name` loads
-        the base LLM from elsewhere than config.json says (the same model, moved). Refuses,
+        the base LLM from elsewhere than config.json says (the same model, moved). `merge`
+        folds the adapter and the new rows into the base weights, for reading only: no adapter
+        work per token and no copy of the embedding matrix per step. Refuses,
         with a CheckpointError that says why, a checkpoint whose files are missing or whose
         base LLM or CLIP cannot be loaded or differ from the ones it was trained with."""
         folder = Path(folder)
@@ -413,6 +444,8 @@ class DiagramReader(nn.Module):
         if load_in_4bit and trainable:
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
+        if merge and not trainable:
+            llm = llm.merge_and_unload()
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
         projector.load_state_dict(load_file(folder / "projector.safetensors"))
         examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),

@@ -29,8 +29,7 @@ def smollm2_tokenizer_dir(tmp_path_factory):
 
     import model
 
-    path = model._smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(model._llm_location(model.SMOLLM2)[0])
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
     tokenizer.save_pretrained(folder)
     return folder

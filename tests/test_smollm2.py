@@ -23,6 +23,25 @@ def test_loads_from_the_installed_wheel_and_answers(smollm2):
     assert "Paris" in answer
 
 
+def test_the_cached_folder_holds_exactly_the_gguf_files_weights_and_tokenizer(smollm2):
+    """The GGUF file is converted once to a folder (fast loads); nothing may change on the way,
+    or checkpoints trained on either would not load on the other."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model._smollm2_path()
+    direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    cached = AutoModelForCausalLM.from_pretrained(model._llm_location(model.SMOLLM2)[0], dtype=torch.float32)
+    direct_weights, cached_weights = direct.state_dict(), cached.state_dict()
+    assert direct_weights.keys() == cached_weights.keys()
+    for name in direct_weights:
+        assert torch.equal(direct_weights[name], cached_weights[name]), name
+    text = "Read the diagram.\n<|im_start|>user  x"
+    direct_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached_tokenizer = AutoTokenizer.from_pretrained(model._llm_location(model.SMOLLM2)[0])
+    assert direct_tokenizer(text).input_ids == cached_tokenizer(text).input_ids
+    assert len(direct_tokenizer) == len(cached_tokenizer) and direct_tokenizer.chat_template == cached_tokenizer.chat_template
+
+
 def test_new_tokens_are_single_tied_and_initialised_from_their_words(smollm2):
     llm, tokenizer = smollm2
     embeddings = llm.get_input_embeddings().weight
