@@ -202,7 +202,7 @@ def load_model(config: ModelConfig, train: TrainConfig, dtype: torch.dtype, resu
               if resume_from else DiagramReader.build(config, dtype, train.load_in_4bit))
     if train.gradient_checkpointing:
         reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return reader
+    return reader.use_attention_for(hardware.pick_device(train.device))
 
 
 def split_data(train: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:

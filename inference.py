@@ -111,7 +111,8 @@ def load(args: Arguments) -> DiagramReader:
     llm = args.llm or json.loads((folder / "config.json").read_text())["llm"]
     dtype, reason = choose_dtype(args.dtype, device, llm)
     print(reason, file=sys.stderr)
-    return DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm, merge=True).to(device).eval()
+    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm, merge=True)
+    return reader.use_attention_for(device).to(device).eval()
 
 
 def main(args: Arguments, image_args: list[str]) -> int:

@@ -124,6 +124,19 @@ def test_loss_on_kept_logits_equals_the_full_loss_and_ignores_padding(reader):
     assert loss.item() == pytest.approx(total / count, abs=1e-4)
 
 
+def test_eager_attention_on_a_cpu_gives_the_fused_kernels_loss_and_generation(reader):
+    images = torch.randn(3, 2, T, 64)
+    texts = diagram_texts(6, seed=5)
+    batch = reader.collate(images, [[t] for t in texts[:3]], texts[3:])  # rows of different lengths: padded
+    with torch.no_grad():
+        fused = reader.use_attention_for(torch.device("cuda"))(**batch)  # "sdpa": only the choice, no GPU needed
+        fused_reading = reader.read(images[:, 1])
+        eager = reader.use_attention_for(torch.device("cpu"))(**batch)
+    assert reader.llm.config._attn_implementation == "eager"
+    assert torch.allclose(fused, eager, atol=1e-5)
+    assert reader.read(images[:, 1]) == fused_reading
+
+
 def test_batched_generation_equals_one_at_a_time(reader):
     texts = diagram_texts(4, seed=2)
     images = torch.randn(4, 2, T, 64)
