@@ -38,7 +38,7 @@ import torch
 from transformers import HfArgumentParser
 
 ROOT = Path(__file__).resolve().parent
-REFERENCE = [str(ROOT / "configs/llama3-8b.yaml"), "--llm", "llama3.1-8b-shape", "--clip_pretrained", "none"]
+REFERENCE = [str(ROOT / "configs/llama3-8b.yaml"), "--clip_pretrained", "none"]  # the LLM is given per part
 
 
 @dataclass
@@ -73,7 +73,7 @@ def main(proof: ProofConfig) -> dict:
     results = {}
 
     print("1. FP16 LoRA, the reference configuration" + (" (small: 1 layer, dtype auto)" if proof.small else ""))
-    bench = last_json(run("benchmark.py", *REFERENCE, *size, "--steps", steps,
+    bench = last_json(run("benchmark.py", *REFERENCE, "--llm", "llama3.1-8b-shape", *size, "--steps", steps,
                           "--generate_images", "4" if proof.small else "32"))
     results["lora"] = bench
     print(f"   step {bench['train_step_seconds']} s, {bench['train_tokens_per_second']} tokens/s, "
@@ -91,8 +91,7 @@ def main(proof: ProofConfig) -> dict:
         "--dtype", "bfloat16" if proof.small else "float16")  # on disk; each run casts to its --dtype
     run("create_images.py", "--num_samples", "40", "--num_test", "8", "--out_dir", str(work / "data"))
     run_dir = work / "run"
-    base_flags = [*REFERENCE, "--llm", str(base), *size]
-    run("finetune.py", *base_flags, "--data_csv", str(work / "data/data.csv"), "--output_dir", str(run_dir),
+    run("finetune.py", *REFERENCE, "--llm", str(base), *size, "--data_csv", str(work / "data/data.csv"), "--output_dir", str(run_dir),
         "--epochs", "1", "--warmup_steps", "1", "--eval_every", "0", "--eval_samples", "4", "--wandb_mode", "disabled",
         *(["--load_in_4bit"] if quantize else []))
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

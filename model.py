@@ -315,8 +315,6 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, loa
                 bnb_4bit_compute_dtype=dtype)
             extra["device_map"] = {"": torch.cuda.current_device()}
         llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
-        if not load_in_4bit:
-            llm.to(dtype)
     if layers:
         if not 1 <= layers <= len(llm.model.layers):
             raise ValueError(f"llm_layers {layers}: {name} has {len(llm.model.layers)} layers")

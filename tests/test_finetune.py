@@ -331,9 +331,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradients(ti
 
     def gradients(checkpointing: bool):
         torch.manual_seed(0)
-        reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, lora_dropout=0.0))
-        if checkpointing:
-            reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reader = finetune.load_model(tiny_config(tiny_llm, tiny_clip, lora_dropout=0.0),  # as finetune.py loads
+                                     finetune.TrainConfig(gradient_checkpointing=checkpointing), torch.float32)
         reader.train()
         calls = []
         reader.llm.base_model.model.model.layers[0].input_layernorm.register_forward_pre_hook(
