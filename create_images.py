@@ -1,12 +1,13 @@
 """Generate the dataset: random diagrams, their images and DSL (docs/SPEC.md's data files).
 
-    python create_images.py [--num_samples 2000] [--num_test 200] [--out_dir .] [--seed 0] [--augment true]
+    python create_images.py [--num_samples 12000] [--num_test 200] [--damage 0.8] [--out_dir .] [--seed 0]
 
 writes `images/`, `data.csv` (the training pool) and `test.csv` (held out) under
 --out_dir. Test diagrams are all different and none of them appears in
 data.csv, so the test set measures reading unseen diagrams, not memory. With
 --augment every image gets its own style drawn from SPEC's whole envelope
 (outline or filled, stroke, colours, jitter); without it, the nominal style.
+--damage gives that share of the training images ordinary damage too (damage.py).
 The same arguments always give the same files, byte for byte.
 """
 
@@ -29,15 +30,16 @@ import renderer
 
 @dataclass
 class Arguments:
-    num_samples: int = field(default=2000, metadata={"help": "training images (data.csv)"})
+    num_samples: int = field(default=12000, metadata={"help": "training images (data.csv)"})
     num_test: int = field(default=200, metadata={"help": "held-out images of unseen diagrams (test.csv)"})
     out_dir: str = field(default=".", metadata={"help": "where images/, data.csv and test.csv go"})
     seed: int = 0
     augment: bool = field(default=True, metadata={"help": "sample styles from SPEC's whole envelope"})
     size: int = field(default=224, metadata={"help": "image side in pixels"})
-    damage: float = field(default=0.0, metadata={"help": "share of the training images that also get ordinary "
-                                                         "damage (damage.py: shift, rotation, blur, noise, JPEG); "
-                                                         "test.csv stays clean"})
+    damage: float = field(default=0.8, metadata={"help": "share of the training images that also get ordinary "
+                                                         "damage (damage.py: shift, rotation, blur, noise, JPEG), "
+                                                         "so that the model reads real pictures; test.csv stays "
+                                                         "clean"})
 
 
 # At most half the diagrams of each element count are held out, so that training

@@ -59,13 +59,17 @@ CHECKS = {
 }
 
 
+# How often random_damage applies each kind. Geometry comes most often: photometric damage
+# is read through without training on it (README), shifts are not.
+DAMAGE_ODDS = {"shift": 3 / 4, "rotate": 1 / 3, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
+
+
 def random_damage(image: Image.Image, rng: random.Random) -> Image.Image:
-    """For training: each kind of damage with probability 1/3, at a random strength up to a
+    """For training: each kind of damage with its DAMAGE_ODDS, at a random strength up to a
     little beyond CHECKS' (geometry first, then blur, noise and compression, as a camera or
     an export would), and at least one."""
     side = image.width
-    kinds = [k for k in ("shift", "rotate", "blur", "noise", "jpeg") if rng.random() < 1 / 3] or \
-        [rng.choice(("shift", "rotate", "blur", "noise", "jpeg"))]
+    kinds = [k for k, odds in DAMAGE_ODDS.items() if rng.random() < odds] or [rng.choice(list(DAMAGE_ODDS))]
     if "shift" in kinds:
         reach = round(0.05 * side)  # 11 px at 224
         image = shift(image, rng.randint(-reach, reach), rng.randint(-reach, reach))

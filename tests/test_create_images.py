@@ -62,7 +62,8 @@ def test_other_seed_other_data(two_runs, tmp_path):
 
 def test_augmentation_varies_style_and_can_be_turned_off(tmp_path):
     assert generate(tmp_path / "aug", "--num_samples", "20", "--num_test", "0").returncode == 0
-    assert generate(tmp_path / "nom", "--num_samples", "20", "--num_test", "0", "--augment", "false").returncode == 0
+    assert generate(tmp_path / "nom", "--num_samples", "20", "--num_test", "0", "--augment", "false",
+                    "--damage", "0").returncode == 0
     backgrounds = {Image.open(tmp_path / "aug" / row["image_path"]).getpixel((0, 0))
                    for row in read_rows(tmp_path / "aug" / "data.csv")}
     assert len(backgrounds) > 10
@@ -91,7 +92,7 @@ def test_impossible_requests_are_refused(tmp_path, args, message):
 
 
 def test_damage_changes_about_that_share_of_training_images_and_never_test_ones(tmp_path):
-    assert generate(tmp_path / "clean", "--num_samples", "40", "--num_test", "5").returncode == 0
+    assert generate(tmp_path / "clean", "--num_samples", "40", "--num_test", "5", "--damage", "0").returncode == 0
     assert generate(tmp_path / "damaged", "--num_samples", "40", "--num_test", "5", "--damage", "0.5").returncode == 0
     assert read_rows(tmp_path / "clean" / "data.csv") == read_rows(tmp_path / "damaged" / "data.csv")  # same labels
     changed = [(tmp_path / "clean" / r["image_path"]).read_bytes() != (tmp_path / "damaged" / r["image_path"]).read_bytes()
