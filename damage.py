@@ -47,6 +47,20 @@ def rescale(image: Image.Image, side: int) -> Image.Image:
     return image.resize((side, side), Image.BICUBIC)
 
 
+def fade(image: Image.Image, amount: float) -> Image.Image:
+    """Ink and background pulled towards mid-grey by `amount` (a faded print or scan)."""
+    return Image.blend(image, Image.new("RGB", image.size, (128, 128, 128)), amount)
+
+
+def zoom_out(image: Image.Image, scale: float) -> Image.Image:
+    """The picture shrunk about its centre, the margin filled with the background: every
+    shape smaller and nearer the centre than the envelope draws it."""
+    side = round(image.width * scale)
+    out = Image.new("RGB", image.size, image.getpixel((0, 0)))
+    out.paste(image.resize((side, side), Image.BICUBIC), ((image.width - side) // 2, (image.height - side) // 2))
+    return out
+
+
 # The fixed strengths robustness.py scores, one kind at a time.
 CHECKS = {
     "clean": lambda image, rng: image,
@@ -56,6 +70,12 @@ CHECKS = {
     "rotated up to 4 degrees": lambda image, rng: rotate(image, rng.uniform(-4, 4)),
     "shifted up to 8 px": lambda image, rng: shift(image, rng.randint(-8, 8), rng.randint(-8, 8)),
     "512 px": lambda image, rng: rescale(image, 512),
+    # Damage that random_damage below never applies in training: does the reading carry over?
+    "112 px": lambda image, rng: rescale(image, 112),
+    "faded by 40%": lambda image, rng: fade(image, 0.4),
+    "zoomed out to 92%": lambda image, rng: zoom_out(image, 0.92),
+    "shifted, turned and JPEG": lambda image, rng: jpeg(rotate(shift(image, rng.randint(-6, 6), rng.randint(-6, 6)),
+                                                              rng.uniform(-3, 3)), 40),
 }
 
 
