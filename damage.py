@@ -70,7 +70,8 @@ CHECKS = {
     "rotated up to 4 degrees": lambda image, rng: rotate(image, rng.uniform(-4, 4)),
     "shifted up to 8 px": lambda image, rng: shift(image, rng.randint(-8, 8), rng.randint(-8, 8)),
     "512 px": lambda image, rng: rescale(image, 512),
-    # Damage that random_damage below never applies in training: does the reading carry over?
+    # Beyond what training shows: three kinds random_damage below never applies, and three
+    # of its kinds at once at fixed strengths.
     "112 px": lambda image, rng: rescale(image, 112),
     "faded by 40%": lambda image, rng: fade(image, 0.4),
     "zoomed out to 92%": lambda image, rng: zoom_out(image, 0.92),

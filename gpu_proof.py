@@ -91,7 +91,8 @@ def main(proof: ProofConfig) -> dict:
         "--dtype", "bfloat16" if proof.small else "float16")  # on disk; each run casts to its --dtype
     run("create_images.py", "--num_samples", "40", "--num_test", "8", "--out_dir", str(work / "data"))
     run_dir = work / "run"
-    run("finetune.py", *REFERENCE, "--llm", str(base), *size, "--data_csv", str(work / "data/data.csv"), "--output_dir", str(run_dir),
+    run("finetune.py", *REFERENCE, "--llm", str(base), *size, "--data_csv", str(work / "data/data.csv"),
+        "--output_dir", str(run_dir),
         "--epochs", "1", "--warmup_steps", "1", "--eval_every", "0", "--eval_samples", "4", "--wandb_mode", "disabled",
         *(["--load_in_4bit"] if quantize else []))
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
