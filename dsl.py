@@ -197,6 +197,18 @@ def next_tags(tags: list[str]) -> list[str]:
     return []  # after <EndDiagram>: nothing
 
 
+QUADRANT_CLASSES = 1 + len(SIZES) * len(SHAPES)  # empty, or one size-shape pair
+
+
+def quadrant_classes(diagram: Diagram) -> list[int]:
+    """What each quadrant holds, in POSITIONS order, as a class: 0 empty, else 1 + the index
+    of its (size, shape) pair. Labels of model.py's quadrant loss."""
+    by_position = {e.position: e for e in diagram.elements}
+    return [0 if p not in by_position
+            else 1 + SIZES.index(by_position[p].size) * len(SHAPES) + SHAPES.index(by_position[p].shape)
+            for p in POSITIONS]
+
+
 # ---------------------------------------------------------------------------- sampling
 
 def sample_diagram(rng: random.Random, num_elements: int | None = None) -> Diagram:

@@ -325,6 +325,7 @@ def validate(reader: DiagramReader, val_rows, val_features, train: TrainConfig, 
         end = min(start + train.batch_size, n_loss)
         batch = reader.collate(with_examples(example_features, val_features[start:end]),
                                [example_dsls] * (end - start), [r.dsl for r in val_rows[start:end]])
+        batch.pop("quadrants", None)  # the validation loss is the DSL's alone, comparable across settings
         with accelerator.autocast():
             total_loss += reader(**{k: v.to(accelerator.device) for k, v in batch.items()}).item() * (end - start)
     with accelerator.autocast():

@@ -7,9 +7,12 @@ The prompt, LLaVA-style, with `num_shots` solved examples before the target:
     <instruction> (<start_of_image> [T image embeddings] <end_of_image> <example DSL>)* <start_of_image> [T] <end_of_image>
 
 and the model continues with the target's DSL, up to <EndDiagram>. Training puts the
-loss on the target DSL only. What trains: the projector, the LoRA adapters and the
-embeddings of the new tokens (the 12 DSL tags and the two image markers); the vision
-encoder and the LLM's own weights stay frozen.
+loss on the target DSL, and (quadrant_loss) on a small head that names what each
+quadrant of the target image holds from the projector's tokens alone: a direct signal
+that teaches the projector to see in far fewer images than the LLM's loss alone. What
+trains: the projector with that head, the LoRA adapters and the embeddings of the new
+tokens (the 12 DSL tags and the two image markers); the vision encoder and the LLM's own
+weights stay frozen.
 
 `DiagramReader.save_pretrained` / `DiagramReader.from_pretrained` are the model's
 save/load pair; checkpoint.py adds what a training run keeps beside it.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -90,6 +94,10 @@ class ModelConfig:
     num_shots: int = _setting(0, "solved examples (image and DSL) in the prompt before the target image")
     instruction: str = _setting("Read the diagram.", "the prompt's text; short: every token costs time in "
                                                      "every step")
+    quadrant_loss: float = _setting(3.0, "a second loss that teaches the projector to see: a linear head names "
+                                         "what each quadrant of the image holds (empty, or a size and shape) from "
+                                         "the mean of its image tokens; each quadrant counts this many times as "
+                                         "much as a DSL token (0: off)")
     target_format: str = _setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
                                           "text: the canonical text, whitespace tokens included (27)")
 
@@ -191,10 +199,11 @@ class Projector(nn.Module):
     images (buffers, saved with the weights), then a LayerNorm: features of a
     frozen encoder vary little across images against their overall scale (a
     random ViT's pooled vector is ~95% constant), and fed raw the LLM learns the
-    output format and ignores the image.
+    output format and ignores the image. With quadrant_head, it also carries the
+    linear head of the quadrant loss (quadrant_logits), which only training uses.
     """
 
-    def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int):
+    def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int, quadrant_head: bool = False):
         super().__init__()
         tokens, width = feature_shape
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
@@ -206,6 +215,11 @@ class Projector(nn.Module):
             self.mlp = nn.Linear(width, hidden_size)
         else:
             raise ValueError(f"projector must be 'mlp2x_gelu' or 'linear', not {kind!r}")
+        side = math.isqrt(tokens)
+        if quadrant_head and (side * side != tokens or side < 2):
+            raise ValueError(f"quadrant_loss needs the image tokens to form a square grid of at least 2 x 2, not "
+                             f"{tokens} token(s); use image_features patches, or quadrant_loss 0")
+        self.quadrant_head = nn.Linear(hidden_size, dsl.QUADRANT_CLASSES) if quadrant_head else None
 
     @torch.no_grad()
     def set_feature_statistics(self, features: torch.Tensor):
@@ -216,6 +230,16 @@ class Projector(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.feature_mean.dtype)
         return self.mlp(self.norm((features - self.feature_mean) / self.feature_std))
+
+    def quadrant_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, T, D] -> [B, 4, dsl.QUADRANT_CLASSES]: what each quadrant holds, in
+        dsl.POSITIONS order, read from the mean of the image tokens over it. Gradients reach
+        the projector from here directly, not only through the LLM: it learns to see faster."""
+        tokens = self(features)
+        b, t, h = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(b, h, math.isqrt(t), math.isqrt(t))
+        quadrants = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # [B, 4, H], row by row
+        return self.quadrant_head(quadrants)
 
 
 # ---------------------------------------------------------------------------- language model
@@ -385,7 +409,8 @@ class DiagramReader(nn.Module):
         if load_in_4bit:
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm = get_peft_model(llm, lora_config(config, llm, tokenizer.convert_tokens_to_ids(NEW_TOKENS)))
-        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
+        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
+                              quadrant_head=config.quadrant_loss > 0)
         return cls(config, vision, projector, llm, tokenizer, base)
 
     # -- checkpoints: the save/load pair
@@ -444,8 +469,11 @@ class DiagramReader(nn.Module):
         llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
         if merge and not trainable:
             llm = llm.merge_and_unload()
-        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size)
-        projector.load_state_dict(load_file(folder / "projector.safetensors"))
+        weights = load_file(folder / "projector.safetensors")
+        # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
+        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
+                              quadrant_head=config.quadrant_loss > 0 and "quadrant_head.weight" in weights)
+        projector.load_state_dict(weights)
         examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
                      (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
         return cls(config, vision, projector, llm, tokenizer, base, examples)
@@ -491,7 +519,10 @@ class DiagramReader(nn.Module):
         input_ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences])
         attention_mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
         labels = torch.tensor([[IGNORE] * (length - len(r)) + r for r in label_rows])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
+        if targets is not None and self.projector.quadrant_head is not None:
+            batch["quadrants"] = torch.tensor([dsl.quadrant_classes(dsl.parse(t)) for t in targets])
+        return batch
 
     # -- forward
 
@@ -502,8 +533,11 @@ class DiagramReader(nn.Module):
         slots = input_ids == IMAGE_SLOT
         return embeddings.masked_scatter(slots[..., None], projected)
 
-    def forward(self, input_ids, attention_mask, labels, images) -> torch.Tensor:
-        """Mean cross-entropy over the target tokens."""
+    def forward(self, input_ids, attention_mask, labels, images, quadrants=None) -> torch.Tensor:
+        """Cross-entropy per target token. Given the quadrants' classes (collate adds them when
+        the projector has a quadrant head), each quadrant's cross-entropy joins the sum,
+        weighted by quadrant_loss; the total stays a sum over the batch divided by its target
+        tokens, so micro-batches weighted by their share of those tokens add up to the batch."""
         embeddings = self.embed(input_ids, images)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
         # Targets sit at the end of every row (left padding), so logits are needed only there:
@@ -512,8 +546,13 @@ class DiagramReader(nn.Module):
         keep = labels.shape[1] - first_label + 1
         logits = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=int(keep)).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, -(keep - 1):].flatten(),
-                               ignore_index=IGNORE)
+        targets = labels[:, -(keep - 1):].flatten()
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
+        if quadrants is not None:
+            seen = self.projector.quadrant_logits(images[:, -1]).float()
+            loss = loss + self.config.quadrant_loss * F.cross_entropy(seen.flatten(0, 1), quadrants.flatten(),
+                                                                      reduction="sum")
+        return loss / (targets != IGNORE).sum()
 
     # -- generation: the one path that validation, inference and the benchmark share
 

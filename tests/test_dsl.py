@@ -95,6 +95,16 @@ def test_tags_need_no_spaces_between_them():
         (dsl.Element("Large", "Circle", "TopLeft"),))
 
 
+def test_quadrant_classes_name_each_quadrant_empty_or_its_size_and_shape():
+    pairs = [(size, shape) for size in dsl.SIZES for shape in dsl.SHAPES]
+    classes = {dsl.quadrant_classes(dsl.Diagram((dsl.Element(size, shape, "TopRight"),)))[1] for size, shape in pairs}
+    assert classes == set(range(1, dsl.QUADRANT_CLASSES))  # one class for each pair
+    diagram = dsl.parse("<StartDiagram><Small><Triangle><TopRight><Large><Circle><BottomRight><EndDiagram>")
+    labels = dsl.quadrant_classes(diagram)
+    assert labels[0] == labels[2] == 0  # TopLeft and BottomLeft are empty
+    assert labels[1] == 1 + pairs.index(("Small", "Triangle")) and labels[3] == 1 + pairs.index(("Large", "Circle"))
+
+
 def test_sampler_covers_every_element_count():
     rng = random.Random(0)
     counts = {len(dsl.sample_diagram(rng)) for _ in range(200)}

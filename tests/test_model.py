@@ -28,10 +28,7 @@ def reader(tiny_llm, tiny_clip):
     config = tiny_config(tiny_llm, tiny_clip, num_shots=1)
     r = model.DiagramReader.build(config)
     assert r.vision.feature_shape == (T, 64)
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
-        for name, p in r.llm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    perturb(r)  # LoRA B starts at zero: make the adapters, the projector and all do something
     return r.eval()
 
 
@@ -98,19 +95,32 @@ def test_embed_puts_projected_features_in_the_image_slots(reader):
         assert torch.allclose(embeddings[i][~slots], reader.llm.get_input_embeddings()(token_ids))
 
 
+# The tiny ViT's 4 x 4 token grid: the tokens over each quadrant, in dsl.POSITIONS order.
+QUADRANT_TOKENS = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
 def reference_loss(reader, batch):
-    """The loss the plain way: logits everywhere, shifted labels."""
+    """The loss the plain way: logits everywhere, shifted labels; each quadrant's class read
+    by the head from the mean of its tokens, picked out by index."""
     embeddings = reader.embed(batch["input_ids"], batch["images"])
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = reader.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], position_ids=positions).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=model.IGNORE)
+    labels = batch["labels"][:, 1:].flatten()
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=model.IGNORE,
+                                              reduction="sum")
+    tokens = reader.projector(batch["images"][:, -1])
+    for q, indices in enumerate(QUADRANT_TOKENS):
+        quadrant_logits = reader.projector.quadrant_head(tokens[:, indices].mean(dim=1))
+        total = total + reader.config.quadrant_loss * torch.nn.functional.cross_entropy(
+            quadrant_logits, batch["quadrants"][:, q], reduction="sum")
+    return total / (labels != model.IGNORE).sum()
 
 
 def test_loss_on_kept_logits_equals_the_full_loss_and_ignores_padding(reader):
     texts = diagram_texts(8, seed=1)
     images = torch.randn(4, 2, T, 64)
     batch = reader.collate(images, [[t] for t in texts[:4]], texts[4:])
+    assert batch["quadrants"].tolist() == [dsl.quadrant_classes(dsl.parse(t)) for t in texts[4:]]
     with torch.no_grad():
         loss = reader(**batch)
         assert torch.allclose(loss, reference_loss(reader, batch), atol=1e-5)
@@ -134,7 +144,8 @@ def test_eager_attention_on_a_cpu_gives_the_fused_kernels_loss_and_generation(re
         eager = reader.use_attention_for(torch.device("cpu"))(**batch)
     assert reader.llm.config._attn_implementation == "eager"
     assert torch.allclose(fused, eager, atol=1e-5)
-    assert reader.read(images[:, 1]) == fused_reading
+    texts, confidences = reader.read(images[:, 1])
+    assert texts == fused_reading[0] and confidences == pytest.approx(fused_reading[1], rel=1e-4)
 
 
 def test_batched_generation_equals_one_at_a_time(reader):
@@ -237,6 +248,35 @@ def test_checkpoint_for_another_model_is_refused(tmp_path, tiny_llm, tiny_llm_un
     (tmp_path / "projector.safetensors").unlink()
     with pytest.raises(model.CheckpointError, match="missing projector.safetensors"):
         model.DiagramReader.from_pretrained(tmp_path)
+
+
+def test_without_the_quadrant_loss_there_is_no_head_and_the_loss_is_the_dsl_alone(tmp_path, tiny_llm, tiny_clip):
+    torch.manual_seed(0)
+    with_head = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip))
+    torch.manual_seed(0)
+    without = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, quadrant_loss=0.0))
+    assert with_head.projector.quadrant_head is not None and without.projector.quadrant_head is None
+    texts = diagram_texts(4, seed=2)
+    images = torch.randn(2, 1, T, 64)
+    batch = without.collate(images, [[], []], texts[:2])
+    assert "quadrants" not in batch
+    with torch.no_grad():
+        dsl_loss = without(**batch)
+        assert torch.allclose(dsl_loss, with_head(**batch), atol=1e-6)  # the same weights, no quadrant labels
+        assert with_head(**with_head.collate(images, [[], []], texts[:2])) > dsl_loss
+    # A checkpoint without a head (quadrant_loss 0, or saved before the loss existed) loads, and
+    # trains on without it, whatever quadrant_loss now defaults to.
+    without.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config_file.read_text().replace('"quadrant_loss": 0.0', '"quadrant_loss": 3.0'))
+    loaded = model.DiagramReader.from_pretrained(tmp_path, trainable=True)
+    assert loaded.projector.quadrant_head is None and "quadrants" not in loaded.collate(images, [[], []], texts[:2])
+
+
+def test_the_quadrant_loss_needs_a_grid_of_image_tokens(tiny_llm, tiny_clip):
+    with pytest.raises(ValueError, match="quadrant_loss needs .* 1 token"):
+        model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, image_features="pooled"))
+    model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, image_features="pooled", quadrant_loss=0.0))
 
 
 def noise_images(n, size=64, seed=0):
