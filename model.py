@@ -9,7 +9,7 @@ The prompt, LLaVA-style, with `num_shots` solved examples before the target:
 and the model continues with the target's DSL, up to <EndDiagram>. Training puts the
 loss on the target DSL, and (quadrant_loss) on a small head that names what each
 quadrant of the target image holds from the projector's tokens alone: a direct signal
-that teaches the projector to see in far fewer images than the LLM's loss alone. What
+from which the projector learns to see sooner than from the LLM's loss alone. What
 trains: the projector with that head, the LoRA adapters and the embeddings of the new
 tokens (the 12 DSL tags and the two image markers); the vision encoder and the LLM's own
 weights stay frozen.
