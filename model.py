@@ -231,11 +231,11 @@ class Projector(nn.Module):
         features = features.to(self.feature_mean.dtype)
         return self.mlp(self.norm((features - self.feature_mean) / self.feature_std))
 
-    def quadrant_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """features [B, T, D] -> [B, 4, dsl.QUADRANT_CLASSES]: what each quadrant holds, in
-        dsl.POSITIONS order, read from the mean of the image tokens over it. Gradients reach
-        the projector from here directly, not only through the LLM: it learns to see faster."""
-        tokens = self(features)
+    def quadrant_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This projector's tokens of images [B, T, hidden] -> [B, 4, dsl.QUADRANT_CLASSES]:
+        what each quadrant holds, in dsl.POSITIONS order, read from the mean of the tokens
+        over it. Gradients reach the projector from here directly, not only through the
+        LLM: it learns to see faster."""
         b, t, h = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, h, math.isqrt(t), math.isqrt(t))
         quadrants = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # [B, 4, H], row by row
@@ -526,19 +526,20 @@ class DiagramReader(nn.Module):
 
     # -- forward
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Token embeddings, with the projected image features in the IMAGE_SLOT positions."""
+    def embed(self, input_ids: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, with the projector's image tokens [B, images, T, hidden] in the
+        IMAGE_SLOT positions."""
         embeddings = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
-        projected = self.projector(images).flatten(1, 2).to(embeddings.dtype)  # [B, images * T, hidden]
         slots = input_ids == IMAGE_SLOT
-        return embeddings.masked_scatter(slots[..., None], projected)
+        return embeddings.masked_scatter(slots[..., None], projected.flatten(1, 2).to(embeddings.dtype))
 
     def forward(self, input_ids, attention_mask, labels, images, quadrants=None) -> torch.Tensor:
         """Cross-entropy per target token. Given the quadrants' classes (collate adds them when
         the projector has a quadrant head), each quadrant's cross-entropy joins the sum,
         weighted by quadrant_loss; the total stays a sum over the batch divided by its target
         tokens, so micro-batches weighted by their share of those tokens add up to the batch."""
-        embeddings = self.embed(input_ids, images)
+        projected = self.projector(images)  # [B, images, T, hidden]: once, for the LLM and the quadrant head
+        embeddings = self.embed(input_ids, projected)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
         # Targets sit at the end of every row (left padding), so logits are needed only there:
         # computing them over the whole prompt would cost a vocabulary-sized matmul per position.
@@ -549,7 +550,7 @@ class DiagramReader(nn.Module):
         targets = labels[:, -(keep - 1):].flatten()
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
         if quadrants is not None:
-            seen = self.projector.quadrant_logits(images[:, -1]).float()
+            seen = self.projector.quadrant_logits(projected[:, -1]).float()
             loss = loss + self.config.quadrant_loss * F.cross_entropy(seen.flatten(0, 1), quadrants.flatten(),
                                                                       reduction="sum")
         return loss / (targets != IGNORE).sum()
@@ -572,7 +573,7 @@ class DiagramReader(nn.Module):
         lets the grammar decide which tokens may come next."""
         batch = self.collate(images, example_dsls)
         device = self.projector.feature_mean.device
-        embeddings = self.embed(batch["input_ids"].to(device), batch["images"].to(device))
+        embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["images"].to(device)))
         grammar = self.allowed_tokens if constrained and self.config.target_format == "tags" else None
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
                                 max_new_tokens=self.max_dsl_tokens + 8,

@@ -86,8 +86,9 @@ def test_collate_left_pads_and_labels_only_the_target(reader):
 def test_embed_puts_projected_features_in_the_image_slots(reader):
     images = torch.randn(2, 2, T, 64)
     batch = reader.collate(images, [[t] for t in diagram_texts(2)])
-    embeddings = reader.embed(batch["input_ids"], images)
-    projected = reader.projector(images).flatten(1, 2)
+    projected = reader.projector(images)
+    embeddings = reader.embed(batch["input_ids"], projected)
+    projected = projected.flatten(1, 2)
     for i in range(2):
         slots = batch["input_ids"][i] == model.IMAGE_SLOT
         assert torch.allclose(embeddings[i][slots], projected[i])
@@ -102,7 +103,7 @@ QUADRANT_TOKENS = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 def reference_loss(reader, batch):
     """The loss the plain way: logits everywhere, shifted labels; each quadrant's class read
     by the head from the mean of its tokens, picked out by index."""
-    embeddings = reader.embed(batch["input_ids"], batch["images"])
+    embeddings = reader.embed(batch["input_ids"], reader.projector(batch["images"]))
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = reader.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], position_ids=positions).logits
     labels = batch["labels"][:, 1:].flatten()
