@@ -30,6 +30,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
@@ -127,6 +128,7 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
     optimizer, scheduler = make_optimizer(reader, train, total_steps)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
     step, start = restore(resume_from, optimizer, scheduler, accelerator)
+    cost = RunCost(checkpoint.read_state(resume_from).get("train_flops", 0) if resume_from else 0)
     hardware.reset_peak_memory(accelerator.device)  # the steps' peak memory is logged, not loading's
     log = RunLog(Path(train.output_dir), {**asdict(config), **asdict(train)}, train.wandb_project,
                  train.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
@@ -139,7 +141,8 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
     with StopRequested() as stop:
         while step < total_steps:
             batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, train, accelerator)
-            loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, train.grad_clip)
+            with cost.count(batches, accelerator.num_processes):
+                loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, train.grad_clip)
             step += 1
             if not math.isfinite(loss):
                 return stop_on_nan(step, loss, train, bar, accelerator)
@@ -147,6 +150,8 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                       "minutes": (time.time() - start) / 60,
+                      "images_seen": step * len(batches) * train.batch_size * accelerator.num_processes,
+                      "train_flops": cost.train_flops,
                       "peak_memory_gib": hardware.peak_memory_gib(accelerator.device)}  # since loading
             log.step(record)
             bar.update(1)
@@ -160,7 +165,7 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
             name = (f"epoch-{step // steps_per_epoch:02d}" if end_of_epoch else f"step-{step:07d}"
                     if (train.save_every and step % train.save_every == 0) or stop.requested else None)
             if name and accelerator.is_main_process:
-                save(name, reader, optimizer, scheduler, accelerator, log, step, start, scores, train)
+                save(name, reader, optimizer, scheduler, accelerator, log, step, start, scores, train, cost)
             if stop.requested:
                 bar.close()
                 accelerator.print(f"stopped at step {step}; continue with --resume auto "
@@ -168,7 +173,12 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
                 return 130
     bar.close()
     log.finish()
-    accelerator.print(f"done in {(time.time() - start) / 60:.1f} minutes; checkpoints in {train.output_dir}")
+    images_seen = total_steps * train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(f"done in {(time.time() - start) / 60:.1f} minutes; checkpoints in {train.output_dir}\n"
+                      f"cost: {images_seen} images seen by the LLM, {cost.train_flops / 1e12:.1f} TFLOP of training "
+                      f"steps; CLIP encoded {len(train_rows) + len(val_rows)} images at "
+                      f"{reader.vision.flops_per_image() / 1e9:.2f} GFLOP each "
+                      f"({(len(train_rows) + len(val_rows)) * reader.vision.flops_per_image() / 1e12:.1f} TFLOP)")
     return 0
 
 
@@ -342,17 +352,38 @@ def validate(reader: DiagramReader, val_rows, val_features, train: TrainConfig, 
     return scores
 
 
-def save(name, reader, optimizer, scheduler, accelerator, log: RunLog, step: int, start: float, scores, train):
+def save(name, reader, optimizer, scheduler, accelerator, log: RunLog, step: int, start: float, scores, train,
+         cost: RunCost):
     """A checkpoint of the model and everything --resume needs; older step checkpoints pruned."""
     training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                       "rng": checkpoint.rng_states()}
     state = {"step": step, "minutes": (time.time() - start) / 60, "validation": scores, "wandb_id": log.run_id,
-             "train": asdict(train)}
+             "train_flops": cost.train_flops, "train": asdict(train)}
     folder = checkpoint.save(Path(train.output_dir), name, reader, state, training_state)
     checkpoint.prune(folder.parent, train.keep_step_checkpoints)
     if name.startswith("epoch-"):
         log.checkpoint(folder)
+
+
+class RunCost:
+    """What a run costs in numbers no machine changes: the FLOPs of its training steps, counted
+    by torch's FlopCounterMode (as benchmark.py counts a step). A step's count depends only on
+    its batches' shapes, so each shape is counted once, on the first step that has it."""
+
+    def __init__(self, train_flops: int = 0):
+        self.train_flops, self.by_shape = train_flops, {}
+
+    @contextlib.contextmanager
+    def count(self, batches: list[dict], processes: int):
+        shape = tuple(tuple(b["input_ids"].shape) for b in batches)
+        if shape in self.by_shape:
+            yield
+        else:
+            with FlopCounterMode(display=False) as counter:
+                yield
+            self.by_shape[shape] = counter.get_total_flops() * processes
+        self.train_flops += self.by_shape[shape]
 
 
 def stop_on_nan(step: int, loss: float, train: TrainConfig, bar, accelerator) -> int:

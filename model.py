@@ -87,6 +87,9 @@ class ModelConfig:
                                     "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
     patch_merge: int = _setting(2, "each k x k block of patch tokens becomes one token: k*k fewer image tokens")
     projector: str = _setting("mlp2x_gelu", "mlp2x_gelu (LLaVA's 2-layer GELU MLP) or linear")
+    image_positions: bool = _setting(False, "the projector adds a learned embedding per image token, so each "
+                                            "token says where in the picture it is (z-scoring the features "
+                                            "removes the position CLIP gave them)")
     lora_r: int = _setting(8, "LoRA rank")
     lora_alpha: int = _setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = _setting(0.1, "dropout on the LoRA input")
@@ -180,6 +183,14 @@ class VisionEncoder(nn.Module):
                     progress.update(len(batch))
         return torch.cat(chunks) if chunks else torch.zeros(0, *self.feature_shape)
 
+    def flops_per_image(self) -> int:
+        """The encoder's FLOPs for one picture, counted by torch's FlopCounterMode."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self(torch.zeros(1, 3, *self.visual.image_size, device=next(self.visual.parameters()).device))
+        return counter.get_total_flops()
+
     def facts(self) -> dict:
         """What a checkpoint records to recognise these weights later."""
         return {"clip_fingerprint": fingerprint(self.visual.parameters()), "feature_shape": list(self.feature_shape)}
@@ -203,7 +214,8 @@ class Projector(nn.Module):
     linear head of the quadrant loss (quadrant_logits), which only training uses.
     """
 
-    def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int, quadrant_head: bool = False):
+    def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int, quadrant_head: bool = False,
+                 positions: bool = False):
         super().__init__()
         tokens, width = feature_shape
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
@@ -220,6 +232,8 @@ class Projector(nn.Module):
             raise ValueError(f"quadrant_loss needs the image tokens to form a square grid of at least 2 x 2, not "
                              f"{tokens} token(s); use image_features patches, or quadrant_loss 0")
         self.quadrant_head = nn.Linear(hidden_size, dsl.QUADRANT_CLASSES) if quadrant_head else None
+        # Zero at the start: the tokens begin as the MLP's alone and learn where they are.
+        self.positions = nn.Parameter(torch.zeros(tokens, hidden_size)) if positions else None
 
     @torch.no_grad()
     def set_feature_statistics(self, features: torch.Tensor):
@@ -229,7 +243,8 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.feature_mean.dtype)
-        return self.mlp(self.norm((features - self.feature_mean) / self.feature_std))
+        tokens = self.mlp(self.norm((features - self.feature_mean) / self.feature_std))
+        return tokens if self.positions is None else tokens + self.positions
 
     def quadrant_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """This projector's tokens of images [B, T, hidden] -> [B, 4, dsl.QUADRANT_CLASSES]:
@@ -410,7 +425,7 @@ class DiagramReader(nn.Module):
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm = get_peft_model(llm, lora_config(config, llm, tokenizer.convert_tokens_to_ids(NEW_TOKENS)))
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              quadrant_head=config.quadrant_loss > 0)
+                              quadrant_head=config.quadrant_loss > 0, positions=config.image_positions)
         return cls(config, vision, projector, llm, tokenizer, base)
 
     # -- checkpoints: the save/load pair
@@ -472,7 +487,8 @@ class DiagramReader(nn.Module):
         weights = load_file(folder / "projector.safetensors")
         # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              quadrant_head=config.quadrant_loss > 0 and "quadrant_head.weight" in weights)
+                              quadrant_head=config.quadrant_loss > 0 and "quadrant_head.weight" in weights,
+                              positions="positions" in weights)
         projector.load_state_dict(weights)
         examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
                      (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
