@@ -17,29 +17,33 @@ import csv
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import damage
 import dsl
 import renderer
+import settings
+from settings import setting
 
 
 @dataclass
 class Arguments:
-    num_samples: int = field(default=12000, metadata={"help": "training images (data.csv)"})
-    num_test: int = field(default=200, metadata={"help": "held-out images of unseen diagrams (test.csv)"})
-    out_dir: str = field(default=".", metadata={"help": "where images/, data.csv and test.csv go"})
-    seed: int = 0
-    augment: bool = field(default=True, metadata={"help": "sample styles from SPEC's whole envelope"})
-    size: int = field(default=224, metadata={"help": "image side in pixels"})
-    damage: float = field(default=0.8, metadata={"help": "share of the training images that also get ordinary "
-                                                         "damage (damage.py: shift, rotation, blur, noise, JPEG), "
-                                                         "so that the model reads real pictures; test.csv stays "
-                                                         "clean"})
+    num_samples: int = setting(12000, "training images (data.csv)")
+    num_test: int = setting(200, "held-out images of unseen diagrams (test.csv)")
+    out_dir: str = setting(".", "where images/, data.csv and test.csv go")
+    seed: int = setting(0, "the same seed and settings give the same files, byte for byte")
+    augment: bool = setting(True, "sample styles from the rendering envelope (docs/SPEC.md)")
+    size: int = setting(224, "image side in pixels")
+    damage: float = setting(0.8, "share of the training images that also get ordinary damage (damage.py: shift, "
+                                 "rotation, blur, noise, JPEG), so that the model reads real pictures; test.csv "
+                                 "stays clean")
+
+    def __post_init__(self):
+        if problem := check(self):
+            raise settings.SettingsError(problem)
 
 
 # At most half the diagrams of each element count are held out, so that training
@@ -119,8 +123,5 @@ def main(args: Arguments):
           f"{out_dir / 'data.csv'} and {out_dir / 'test.csv'}")
 
 if __name__ == "__main__":
-    (arguments,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
-    if problem := check(arguments):
-        print(f"create_images.py: error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    (arguments,) = settings.parse(sys.argv[1:], Arguments, program="create_images.py")
     main(arguments)

@@ -7,131 +7,108 @@
     accelerate launch finetune.py configs/llama3-8b.yaml  # data-parallel on several GPUs
     python finetune.py --resume auto                      # continue a stopped run where it stopped
 
-Reads data.csv (90% train, 10% validation), logs to output_dir/log.jsonl and Weights &
+Reads data.csv (90% training, 10% validation), logs to output_dir/log.jsonl and Weights &
 Biases (offline when not logged in), and writes checkpoints to output_dir (checkpoint.py).
 The model's settings are model.ModelConfig; the training's are TrainConfig below.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import math
 import random
 import signal
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import checkpoint
 import data
 import dsl
 import hardware
-from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, _setting, choose_dtype, with_examples
+import language_model
+import settings
+from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, with_examples
+from settings import SettingsError, setting
 from tracking import RunLog
 
 
 @dataclass
 class TrainConfig:
-    data_csv: str = _setting("data.csv", "training pool: image_path,dsl (docs/SPEC.md)")
-    output_dir: str = _setting("checkpoints", "checkpoints, log.jsonl, curves.png and wandb/ go here")
-    val_fraction: float = _setting(0.1, "share of data_csv held out for validation")
-    skip_bad_rows: bool = _setting(False, "train on the good rows of a CSV with bad ones, instead of stopping")
-    device: str = _setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1, ...")
-    dtype: str = _setting("auto", "the frozen LLM's weights: auto (the fastest safe one here, by measurement), "
+    data_csv: str = setting("data.csv", "training pool: image_path,dsl (docs/SPEC.md)")
+    output_dir: str = setting("checkpoints", "checkpoints, log.jsonl, curves.png and wandb/ go here")
+    val_fraction: float = setting(0.1, "share of data_csv held out for validation")
+    skip_bad_rows: bool = setting(False, "train on the good rows of a CSV with bad ones, instead of stopping")
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    dtype: str = setting("auto", "the frozen LLM's weights: auto (the fastest safe one here, by measurement), "
                                   "float32, bfloat16 or float16")
-    mixed_precision: str = _setting("auto", "accelerate's autocast: auto (fp16 with a gradient scaler for float16 "
+    mixed_precision: str = setting("auto", "accelerate's autocast: auto (fp16 with a gradient scaler for float16 "
                                             "weights, else no), no, fp16, bf16")
-    gradient_checkpointing: bool = _setting(False, "recompute each layer's activations during the backward pass: "
+    gradient_checkpointing: bool = setting(False, "recompute each layer's activations during the backward pass: "
                                                    "less memory, about a third more time a step")
-    load_in_4bit: bool = _setting(False, "QLoRA: the frozen LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA "
+    load_in_4bit: bool = setting(False, "QLoRA: the frozen LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA "
                                          "only), computing in --dtype; the adapter also loads onto the full base")
-    epochs: int = _setting(1, "passes over the training images: varied images teach more than repeated ones")
-    batch_size: int = _setting(8, "images per micro-batch and process")
-    gradient_accumulation_steps: int = _setting(1, "micro-batches per optimizer step: the effective batch is "
+    epochs: int = setting(1, "passes over the training images: varied images teach more than repeated ones")
+    batch_size: int = setting(8, "images per micro-batch and process")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step: the effective batch is "
                                                    "batch_size x this x processes")
-    lr: float = _setting(1e-3, "peak learning rate of the LoRA adapters")
-    projector_lr: float = _setting(1e-3, "peak learning rate of the projector and the new token embeddings")
-    weight_decay: float = _setting(0.0, "AdamW weight decay")
-    warmup_steps: int = _setting(20, "linear warm-up steps, then cosine decay")
-    min_lr_ratio: float = _setting(0.1, "the cosine ends at this fraction of the peak")
-    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: no clipping)")
-    seed: int = _setting(0, "seeds the split, the data order and the initial weights")
-    eval_every: int = _setting(200, "steps between validations (also at every epoch end); 0: epoch ends only")
-    eval_samples: int = _setting(64, "validation images read at those runs (the loss is over all at epoch ends)")
-    save_every: int = _setting(200, "steps between step checkpoints; 0: epoch checkpoints only")
-    keep_step_checkpoints: int = _setting(2, "step checkpoints kept (the latest ones, and the best)")
-    resume: str = _setting("", "auto (output_dir's latest checkpoint, if any), a run folder or a checkpoint")
-    wandb_project: str = _setting("diagram-reader", "Weights & Biases project")
-    wandb_mode: str = _setting("auto", "auto (WANDB_MODE if set, else online when logged in, offline when not), "
+    lr: float = setting(1e-3, "peak learning rate of the LoRA adapters")
+    projector_lr: float = setting(1e-3, "peak learning rate of the projector and the new token embeddings")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_steps: int = setting(20, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = setting(0.1, "the cosine ends at this fraction of the peak")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = setting(0, "seeds the split, the data order and the initial weights")
+    eval_every: int = setting(200, "steps between validations (also at every epoch end); 0: epoch ends only")
+    eval_samples: int = setting(64, "validation images read at those runs (the loss is over all at epoch ends)")
+    save_every: int = setting(200, "steps between step checkpoints; 0: epoch checkpoints only")
+    keep_step_checkpoints: int = setting(2, "step checkpoints kept (the latest ones, and the best)")
+    resume: str = setting("", "auto (output_dir's latest checkpoint, if any), a run folder or a checkpoint")
+    wandb_project: str = setting("diagram-reader", "Weights & Biases project")
+    wandb_mode: str = setting("auto", "auto (WANDB_MODE if set, else online when logged in, offline when not), "
                                        "online, offline, disabled")
 
 
 def parse_configs(argv: list[str], *extra) -> tuple:
     """(ModelConfig, TrainConfig, *extra dataclasses) from an optional config file (YAML or
     JSON: new defaults) followed by flags. --help shows each value in force and its meaning."""
-    classes = (ModelConfig, TrainConfig, *extra)
-    parser = HfArgumentParser(classes)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        values = yaml.safe_load(open(argv[0])) or {}
-        unknown = set(values) - {name for c in classes for name in c.__dataclass_fields__}
-        if unknown:
-            parser.error(f"{argv[0]}: unknown settings {', '.join(sorted(unknown))}")
-        parser.set_defaults(**values)
-        argv = argv[1:]
-    for action in parser._actions:
-        if action.dest != "help":
-            action.help = f"{action.help or ''} [now: %(default)s]"
-    parser.formatter_class = _HelpFormatter
-    return parser.parse_args_into_dataclasses(argv)
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # keep values such as meta-llama/Llama-3.1-8B whole
-        return textwrap.wrap(text, width, break_on_hyphens=False)
-
-
-class SettingsError(Exception):
-    """Settings this machine cannot run."""
+    return settings.parse(argv, ModelConfig, TrainConfig, *extra)
 
 
 # ---------------------------------------------------------------------------- the run, in order
 
-def main(config: ModelConfig, train: TrainConfig) -> int:
-    accelerator, dtype = set_up(config, train)
-    resume_from = checkpoint.resume_point(train.output_dir, train.resume, config)
-    train_rows, val_rows = split_data(train)
-    steps_per_epoch = len(train_rows) // (train.batch_size * train.gradient_accumulation_steps
+def main(config: ModelConfig, training: TrainConfig) -> int:
+    accelerator, dtype = set_up(config, training)
+    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config)
+    train_rows, val_rows = split_data(training)
+    steps_per_epoch = len(train_rows) // (training.batch_size * training.gradient_accumulation_steps
                                           * accelerator.num_processes)
     if steps_per_epoch == 0 or len(train_rows) <= config.num_shots:
-        raise data.DataError(f"{train.data_csv}: {len(train_rows)} training rows are too few for batch size "
-                             f"{train.batch_size} x {train.gradient_accumulation_steps} accumulation step(s) x "
+        raise data.DataError(f"{training.data_csv}: {len(train_rows)} training rows are too few for batch size "
+                             f"{training.batch_size} x {training.gradient_accumulation_steps} accumulation step(s) x "
                              f"{accelerator.num_processes} process(es) and {config.num_shots} shots")
-    total_steps = steps_per_epoch * train.epochs
+    total_steps = steps_per_epoch * training.epochs
 
-    reader = load_model(config, train, dtype, resume_from)
+    reader = load_model(config, training, dtype, resume_from)
     train_features, val_features = encode_images(reader, train_rows, val_rows, accelerator)
     if not resume_from:
         reader.projector.set_feature_statistics(train_features)
         reader.examples = [(data.load_image(r.image_path), r.dsl) for r in train_rows[:config.num_shots]]
-    optimizer, scheduler = make_optimizer(reader, train, total_steps)
+    optimizer, scheduler = make_optimizer(reader, training, total_steps)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
     step, start = restore(resume_from, optimizer, scheduler, accelerator)
     cost = RunCost(checkpoint.read_state(resume_from).get("train_flops", 0) if resume_from else 0)
     hardware.reset_peak_memory(accelerator.device)  # the steps' peak memory is logged, not loading's
-    log = RunLog(Path(train.output_dir), {**asdict(config), **asdict(train)}, train.wandb_project,
-                 train.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
+    log = RunLog(Path(training.output_dir), {**asdict(config), **asdict(training)}, training.wandb_project,
+                 training.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
                  accelerator.is_main_process, resume_step=step)
     accelerator.print(f"{len(train_rows)} training and {len(val_rows)} validation images; {steps_per_epoch} steps "
                       f"per epoch, {total_steps} in all" + (f"; resuming from {resume_from} at step {step}"
@@ -140,17 +117,17 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
                disable=not accelerator.is_main_process)
     with StopRequested() as stop:
         while step < total_steps:
-            batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, train, accelerator)
+            batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, training, accelerator)
             with cost.count(batches, accelerator.num_processes):
-                loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, train.grad_clip)
+                loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, training.grad_clip)
             step += 1
             if not math.isfinite(loss):
-                return stop_on_nan(step, loss, train, bar, accelerator)
+                return stop_on_nan(step, loss, training, bar, accelerator)
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                       "minutes": (time.time() - start) / 60,
-                      "images_seen": step * len(batches) * train.batch_size * accelerator.num_processes,
+                      "images_seen": step * len(batches) * training.batch_size * accelerator.num_processes,
                       "train_flops": cost.train_flops,
                       "peak_memory_gib": hardware.peak_memory_gib(accelerator.device)}  # since loading
             log.step(record)
@@ -159,22 +136,22 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
             end_of_epoch = step % steps_per_epoch == 0
             scores = None
             # The main process validates and saves; the others wait for it at the next step.
-            if accelerator.is_main_process and ((train.eval_every and step % train.eval_every == 0) or end_of_epoch):
-                scores = validate(reader, val_rows, val_features, train, accelerator, log, step, bar,
+            if accelerator.is_main_process and ((training.eval_every and step % training.eval_every == 0) or end_of_epoch):
+                scores = validate(reader, val_rows, val_features, training, accelerator, log, step, bar,
                                   loss_over_all=end_of_epoch)
             name = (f"epoch-{step // steps_per_epoch:02d}" if end_of_epoch else f"step-{step:07d}"
-                    if (train.save_every and step % train.save_every == 0) or stop.requested else None)
+                    if (training.save_every and step % training.save_every == 0) or stop.requested else None)
             if name and accelerator.is_main_process:
-                save(name, reader, optimizer, scheduler, accelerator, log, step, start, scores, train, cost)
+                save(name, reader, optimizer, scheduler, accelerator, log, step, start, scores, training, cost)
             if stop.requested:
                 bar.close()
                 accelerator.print(f"stopped at step {step}; continue with --resume auto "
-                                  f"(--output_dir {train.output_dir})", file=sys.stderr)
+                                  f"(--output_dir {training.output_dir})", file=sys.stderr)
                 return 130
     bar.close()
     log.finish()
-    images_seen = total_steps * train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(f"done in {(time.time() - start) / 60:.1f} minutes; checkpoints in {train.output_dir}\n"
+    images_seen = total_steps * training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(f"done in {(time.time() - start) / 60:.1f} minutes; checkpoints in {training.output_dir}\n"
                       f"cost: {images_seen} images seen by the LLM, {cost.train_flops / 1e12:.1f} TFLOP of training "
                       f"steps; CLIP encoded {len(train_rows) + len(val_rows)} images at "
                       f"{reader.vision.flops_per_image() / 1e9:.2f} GFLOP each "
@@ -184,45 +161,45 @@ def main(config: ModelConfig, train: TrainConfig) -> int:
 
 # ---------------------------------------------------------------------------- its parts
 
-def set_up(config: ModelConfig, train: TrainConfig) -> tuple[Accelerator, torch.dtype]:
+def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, torch.dtype]:
     """The device, the precision (measured when auto) and the seeds."""
-    device = hardware.pick_device(train.device)
+    device = hardware.pick_device(training.device)
     try:
-        dtype, why = choose_dtype(train.dtype, device, config.llm)
+        dtype, why = hardware.choose_dtype(training.dtype, device, lambda: language_model.mlp_shape(config.llm))
     except ValueError as error:  # an unknown --dtype
         raise SettingsError(str(error)) from None
-    mixed_precision = hardware.mixed_precision_for(dtype, train.mixed_precision)
+    mixed_precision = hardware.mixed_precision_for(dtype, training.mixed_precision)
     if mixed_precision == "fp16" and device.type != "cuda":
         raise SettingsError("FP16 training (--dtype float16 / --mixed_precision fp16) needs a CUDA GPU; on a CPU "
                             "use --dtype auto (or float32, bfloat16) and --mixed_precision no")
-    if train.load_in_4bit and device.type != "cuda":
+    if training.load_in_4bit and device.type != "cuda":
         raise SettingsError("--load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
                             f"this {device.type}; train without it (the full base in --dtype)")
-    if train.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+    if training.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise SettingsError("--load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
     accelerator.print(f"{hardware.describe(accelerator.device)}\n{why}; mixed precision {mixed_precision}")
-    set_seed(train.seed)
+    set_seed(training.seed)
     return accelerator, hardware.DTYPES[dtype]
 
 
-def load_model(config: ModelConfig, train: TrainConfig, dtype: torch.dtype, resume_from=None) -> DiagramReader:
+def load_model(config: ModelConfig, training: TrainConfig, dtype: torch.dtype, resume_from=None) -> DiagramReader:
     """A new model, or the one a checkpoint holds, with the memory savers asked for."""
-    reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True, load_in_4bit=train.load_in_4bit)
-              if resume_from else DiagramReader.build(config, dtype, train.load_in_4bit))
-    if train.gradient_checkpointing:
+    reader = (DiagramReader.from_pretrained(resume_from, dtype, trainable=True, load_in_4bit=training.load_in_4bit)
+              if resume_from else DiagramReader.build(config, dtype, training.load_in_4bit))
+    if training.gradient_checkpointing:
         reader.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return reader.use_attention_for(hardware.pick_device(train.device))
+    return reader.use_attention_for(hardware.pick_device(training.device))
 
 
-def split_data(train: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:
+def split_data(training: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:
     """Every row checked before any model loads; a fixed, seeded split."""
-    rows, skipped = data.read_dataset(train.data_csv, train.skip_bad_rows)
+    rows, skipped = data.read_dataset(training.data_csv, training.skip_bad_rows)
     if skipped:
-        print(f"skipping {skipped} bad rows of {train.data_csv} (--skip_bad_rows)", file=sys.stderr)
+        print(f"skipping {skipped} bad rows of {training.data_csv} (--skip_bad_rows)", file=sys.stderr)
     order = list(range(len(rows)))
-    random.Random(train.seed).shuffle(order)
-    num_val = max(1, round(len(rows) * train.val_fraction))
+    random.Random(training.seed).shuffle(order)
+    num_val = max(1, round(len(rows) * training.val_fraction))
     return [rows[i] for i in order[num_val:]], [rows[i] for i in order[:num_val]]
 
 
@@ -235,17 +212,17 @@ def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator):
                 reader.vision.encode([r.image_path for r in val_rows], progress=bar))
 
 
-def make_optimizer(reader: DiagramReader, train: TrainConfig, total_steps: int):
+def make_optimizer(reader: DiagramReader, training: TrainConfig, total_steps: int):
     """AdamW with two learning rates; linear warm-up, then cosine decay to min_lr_ratio of the peak."""
     lora, rest = reader.trainable_parameters()
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": train.lr}, {"params": rest, "lr": train.projector_lr}],
-                                  weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": lora, "lr": training.lr}, {"params": rest, "lr": training.projector_lr}],
+                                  weight_decay=training.weight_decay)
 
     def factor(step: int) -> float:
-        if step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < training.warmup_steps:
+            return (step + 1) / training.warmup_steps
+        progress = min(1.0, (step - training.warmup_steps) / max(1, total_steps - training.warmup_steps))
+        return training.min_lr_ratio + (1 - training.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -271,18 +248,18 @@ def epoch_order(num_train: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_train, generator=generator).tolist()
 
 
-def training_batches(reader, train_rows, train_features, step, steps_per_epoch, train: TrainConfig,
+def training_batches(reader, train_rows, train_features, step, steps_per_epoch, training: TrainConfig,
                      accelerator) -> list[dict]:
     """This process's micro-batches of optimizer step `step`: target images in the epoch's
     order, each after num_shots other training images shown solved."""
     epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-    order = epoch_order(len(train_rows), train.seed, epoch)
-    rng = random.Random(f"{train.seed}:{step}:{accelerator.process_index}")
+    order = epoch_order(len(train_rows), training.seed, epoch)
+    rng = random.Random(f"{training.seed}:{step}:{accelerator.process_index}")
     batches = []
-    for micro in range(train.gradient_accumulation_steps):
-        first = (((batch_in_epoch * train.gradient_accumulation_steps + micro) * accelerator.num_processes
-                  + accelerator.process_index) * train.batch_size)
-        indices = order[first:first + train.batch_size]
+    for micro in range(training.gradient_accumulation_steps):
+        first = (((batch_in_epoch * training.gradient_accumulation_steps + micro) * accelerator.num_processes
+                  + accelerator.process_index) * training.batch_size)
+        indices = order[first:first + training.batch_size]
         shots = []
         for i in indices:
             others = rng.sample(range(len(train_rows) - 1), reader.config.num_shots)
@@ -321,18 +298,18 @@ def train_step(model, batches: list[dict], optimizer, scheduler, accelerator, gr
 
 
 @torch.no_grad()
-def validate(reader: DiagramReader, val_rows, val_features, train: TrainConfig, accelerator, log: RunLog,
+def validate(reader: DiagramReader, val_rows, val_features, training: TrainConfig, accelerator, log: RunLog,
              step: int, bar, loss_over_all: bool = False) -> dict:
     """Loss, exact match and element F1 on the first eval_samples validation images (the
     loss on all of them with loss_over_all), logged with a few predictions. Full test
     scores are inference.py's job."""
     reader.eval()
     example_features, example_dsls = reader.prompt_examples()
-    n = min(train.eval_samples, len(val_rows))
+    n = min(training.eval_samples, len(val_rows))
     n_loss = len(val_rows) if loss_over_all else n
     total_loss = 0.0
-    for start in range(0, n_loss, train.batch_size):
-        end = min(start + train.batch_size, n_loss)
+    for start in range(0, n_loss, training.batch_size):
+        end = min(start + training.batch_size, n_loss)
         batch = reader.collate(with_examples(example_features, val_features[start:end]),
                                [example_dsls] * (end - start), [r.dsl for r in val_rows[start:end]])
         batch.pop("quadrants", None)  # the validation loss is the DSL's alone, comparable across settings
@@ -352,16 +329,16 @@ def validate(reader: DiagramReader, val_rows, val_features, train: TrainConfig, 
     return scores
 
 
-def save(name, reader, optimizer, scheduler, accelerator, log: RunLog, step: int, start: float, scores, train,
+def save(name, reader, optimizer, scheduler, accelerator, log: RunLog, step: int, start: float, scores, training,
          cost: RunCost):
     """A checkpoint of the model and everything --resume needs; older step checkpoints pruned."""
     training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                       "rng": checkpoint.rng_states()}
     state = {"step": step, "minutes": (time.time() - start) / 60, "validation": scores, "wandb_id": log.run_id,
-             "train_flops": cost.train_flops, "train": asdict(train)}
-    folder = checkpoint.save(Path(train.output_dir), name, reader, state, training_state)
-    checkpoint.prune(folder.parent, train.keep_step_checkpoints)
+             "train_flops": cost.train_flops, "train": asdict(training)}
+    folder = checkpoint.save(Path(training.output_dir), name, reader, state, training_state)
+    checkpoint.prune(folder.parent, training.keep_step_checkpoints)
     if name.startswith("epoch-"):
         log.checkpoint(folder)
 
@@ -386,9 +363,9 @@ class RunCost:
         self.train_flops += self.by_shape[shape]
 
 
-def stop_on_nan(step: int, loss: float, train: TrainConfig, bar, accelerator) -> int:
+def stop_on_nan(step: int, loss: float, training: TrainConfig, bar, accelerator) -> int:
     bar.close()
-    last = checkpoint.folders(train.output_dir)
+    last = checkpoint.folders(training.output_dir)
     accelerator.print(f"finetune.py: error: step {step}: the loss is {loss}; stopping. The last good checkpoint "
                       f"is {last[-1] if last else 'none (none saved yet)'}. Try a lower --lr / --projector_lr, "
                       "or --dtype float32.", file=sys.stderr)

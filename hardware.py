@@ -80,13 +80,14 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, device: torch.devi
     return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
 
 
-def choose_dtype(requested: str, device: torch.device, hidden_size: int, intermediate_size: int,
-                 tokens: int = 128) -> tuple[str, str]:
+def choose_dtype(requested: str, device: torch.device, mlp_shape, tokens: int = 128) -> tuple[str, str]:
     """(dtype name, a line saying why). `requested` other than "auto" is obeyed as it is.
 
     On CUDA: bfloat16 where the GPU supports it, else float16 (trained with a gradient
     scaler). On a CPU: float32 or bfloat16, whichever multiplies a [tokens, hidden] by a
     [hidden, intermediate] matrix (the LLM's MLP) faster, bfloat16 by at least BF16_MARGIN.
+    `mlp_shape()` gives (hidden, intermediate); it is called only when measuring, so that
+    an LLM's config is read only then.
     """
     if requested != "auto":
         if requested not in DTYPES:
@@ -98,6 +99,7 @@ def choose_dtype(requested: str, device: torch.device, hidden_size: int, interme
         return "float16", "dtype auto: float16 with a gradient scaler (this GPU has no bfloat16)"
     if device.type != "cpu":
         return "float32", f"dtype auto: float32 (on {device.type})"
+    hidden_size, intermediate_size = mlp_shape()
     speed = {name: matmul_gflops(DTYPES[name], tokens, hidden_size, intermediate_size, device)
              for name in ("float32", "bfloat16")}
     chosen = "bfloat16" if speed["bfloat16"] >= BF16_MARGIN * speed["float32"] else "float32"

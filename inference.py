@@ -21,30 +21,32 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import checkpoint
 import data
 import dsl
 import hardware
+import language_model
 import renderer
-from model import CheckpointError, DiagramReader, _setting, choose_dtype
+import settings
+from model import CheckpointError, DiagramReader
+from settings import setting
 
 
 @dataclass
 class Arguments:
-    checkpoint: str = _setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
-    csv: str = _setting("", "a data CSV (image_path,dsl) to read; --eval scores it")
-    eval: bool = _setting(False, "score the predictions against the CSV's dsl column")
-    out: str = _setting("", "write predictions (with their confidence) to this CSV")
-    render: str = _setting("", "write each input beside its re-rendered prediction here")
-    llm: str = _setting("", "load the base LLM from here instead (the same model, moved)")
-    skip_bad_rows: bool = _setting(False, "read the good rows of a CSV with bad ones")
-    constrained: bool = _setting(True, "decode by the DSL's grammar: every output parses")
-    flag_below: float = _setting(0.0, "list the doubtful images: confidence below this, or ink that disagrees")
-    batch_size: int = _setting(64, "images decoded together (on CPUs, 64 reads ~15% faster than 32; more adds little)")
-    device: str = _setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
-    dtype: str = _setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+    checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
+    csv: str = setting("", "a data CSV (image_path,dsl) to read; --eval scores it")
+    eval: bool = setting(False, "score the predictions against the CSV's dsl column")
+    out: str = setting("", "write predictions (with their confidence) to this CSV")
+    render: str = setting("", "write each input beside its re-rendered prediction here")
+    llm: str = setting("", "load the base LLM from here instead (the same model, moved)")
+    skip_bad_rows: bool = setting(False, "read the good rows of a CSV with bad ones")
+    constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
+    flag_below: float = setting(0.0, "list the doubtful images: confidence below this, or ink that disagrees")
+    batch_size: int = setting(64, "images decoded together (on CPUs, 64 reads ~15% faster than 32; more adds little)")
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
+    dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
 
 def render_side_by_side(image_path: Path, prediction: str, out_path: Path, size: int = 224):
@@ -109,7 +111,7 @@ def load(args: Arguments) -> DiagramReader:
     print(f"checkpoint {folder} ({why})", file=sys.stderr)
     device = hardware.pick_device(args.device)
     llm = args.llm or json.loads((folder / "config.json").read_text())["llm"]
-    dtype, reason = choose_dtype(args.dtype, device, llm)
+    dtype, reason = hardware.choose_dtype(args.dtype, device, lambda: language_model.mlp_shape(llm))
     print(reason, file=sys.stderr)
     reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm, merge=True)
     return reader.use_attention_for(device).to(device).eval()
@@ -169,9 +171,9 @@ def main(args: Arguments, image_args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    parser = HfArgumentParser(Arguments)
-    parser.add_argument("image_paths", nargs="*", metavar="IMAGE", help="image files to read")
-    arguments, extra = parser.parse_args_into_dataclasses()
+    arguments, extra = settings.parse(sys.argv[1:], Arguments, program="inference.py",
+                                      positional=("image_paths", {"nargs": "*", "metavar": "IMAGE",
+                                                                  "help": "image files to read"}))
     try:
         sys.exit(main(arguments, extra.image_paths))
     except (data.DataError, CheckpointError, ValueError) as error:

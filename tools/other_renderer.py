@@ -1,7 +1,7 @@
 """A data set drawn by a renderer other than renderer.py: does a model read pictures it
 was not trained on?
 
-    python other_renderer.py --out_dir other --num 300
+    python -m tools.other_renderer --out_dir other --num 300
     python inference.py --checkpoint checkpoints --csv other/data.csv --eval
 
 Its own geometry code and its own, even sampling of the rendering envelope
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import csv
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import dsl
+import settings
+from settings import setting
 
 SUPERSAMPLE = 4
 SIDE = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}
@@ -33,10 +35,10 @@ COLUMN_ROW = {"TopLeft": (0, 0), "TopRight": (1, 0), "BottomLeft": (0, 1), "Bott
 
 @dataclass
 class Arguments:
-    out_dir: str = "other"
-    num: int = 300
-    seed: int = 12345
-    size: int = 224
+    out_dir: str = setting("other", "where images/ and data.csv go")
+    num: int = setting(300, "pictures to draw")
+    seed: int = setting(12345, "seeds the diagrams and their looks")
+    size: int = setting(224, "image side in pixels")
 
 
 def draw(diagram: dsl.Diagram, size: int, rng: random.Random) -> Image.Image:
@@ -80,4 +82,4 @@ def main(args: Arguments):
 
 
 if __name__ == "__main__":
-    main(*HfArgumentParser(Arguments).parse_args_into_dataclasses())
+    main(*settings.parse(sys.argv[1:], Arguments, program="python -m tools.other_renderer"))

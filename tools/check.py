@@ -1,8 +1,8 @@
 """Check a configuration on this machine before a long run: one step of each part.
 
-    python check.py                             # the embedded default
-    python check.py configs/llama3-8b.yaml      # the reference configuration
-    python check.py --batch_size 16 --dtype float32
+    python -m tools.check                             # the embedded default
+    python -m tools.check configs/llama3-8b.yaml      # the reference configuration
+    python -m tools.check --batch_size 16 --dtype float32
 
 Prints the device (CPU flags, or GPU name and memory), the dtype and why, loads the
 configured CLIP and LLM, runs one training step and one generation, and estimates the
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-import benchmark
+from tools import benchmark
 import finetune
 import hardware
+import settings
 
 
 def count_rows(csv_path: str) -> int | None:
@@ -34,38 +35,38 @@ def count_rows(csv_path: str) -> int | None:
 
 
 def check(argv: list[str]) -> str:
-    config, train = finetune.parse_configs(argv)
-    accelerator, dtype = finetune.set_up(config, train)  # prints the device and the dtype's reason
+    config, training = finetune.parse_configs(argv)
+    accelerator, dtype = finetune.set_up(config, training)  # prints the device and the dtype's reason
     device = accelerator.device
     started = time.perf_counter()
-    reader = finetune.load_model(config, train, dtype)
+    reader = finetune.load_model(config, training, dtype)
     print(f"loaded CLIP {config.clip_model} ({config.clip_pretrained}) and LLM {config.llm} in "
           f"{time.perf_counter() - started:.0f} s; image features {tuple(reader.vision.feature_shape)}")
-    optimizer, scheduler = finetune.make_optimizer(reader, train, total_steps=10)
+    optimizer, scheduler = finetune.make_optimizer(reader, training, total_steps=10)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     rng = random.Random(0)
     hardware.reset_peak_memory(device)
     seconds = []
     for _ in range(3):  # the first step warms up; the last two are timed
-        loss, step_seconds = finetune.train_step(model, [benchmark.random_batch(reader, train.batch_size, rng, device)],
-                                                 optimizer, scheduler, accelerator, train.grad_clip)
+        loss, step_seconds = finetune.train_step(model, [benchmark.random_batch(reader, training.batch_size, rng, device)],
+                                                 optimizer, scheduler, accelerator, training.grad_clip)
         seconds.append(step_seconds)
     step_seconds = min(seconds[1:])
-    print(f"training step: batch {train.batch_size}, loss {loss:.3f}, {step_seconds:.2f} s; peak memory "
+    print(f"training step: batch {training.batch_size}, loss {loss:.3f}, {step_seconds:.2f} s; peak memory "
           f"{'allocated' if device.type == 'cuda' else 'of the process (RSS)'} {hardware.peak_memory_gib(device):.2f} GiB")
     with accelerator.autocast():
         started = time.perf_counter()
         texts, _ = reader.read(torch.randn(4, *reader.vision.feature_shape), batch_size=4)
     print(f"generation: 4 images in {time.perf_counter() - started:.2f} s, e.g. {' '.join(texts[0].split())}")
 
-    rows = count_rows(train.data_csv)
+    rows = count_rows(training.data_csv)
     if rows is None:
         images = 1000
-        estimate = f"no {train.data_csv} yet; per 1,000 training images and epoch"
+        estimate = f"no {training.data_csv} yet; per 1,000 training images and epoch"
     else:
-        images = round(rows * (1 - train.val_fraction)) * train.epochs
-        estimate = f"{train.data_csv}: {rows} rows, {train.epochs} epoch(s)"
-    steps = images // (train.batch_size * accelerator.num_processes)
+        images = round(rows * (1 - training.val_fraction)) * training.epochs
+        estimate = f"{training.data_csv}: {rows} rows, {training.epochs} epoch(s)"
+    steps = images // (training.batch_size * accelerator.num_processes)
     minutes = steps * step_seconds / 60
     return f"check: ok: {estimate}: {steps} steps x {step_seconds:.2f} s = about {minutes:.1f} min of training"
 
@@ -73,7 +74,7 @@ def check(argv: list[str]) -> str:
 if __name__ == "__main__":
     try:
         print(check(sys.argv[1:]))
-    except finetune.SettingsError as error:
+    except settings.SettingsError as error:
         print(f"check: FAILED: {error}")
         sys.exit(1)
     except torch.OutOfMemoryError as error:

@@ -1,7 +1,7 @@
 """The reference configuration on one GPU at Llama-3.1-8B's full shape, offline, in minutes.
 
-    python gpu_proof.py            # a CUDA GPU: all 32 layers
-    python gpu_proof.py --small    # anywhere: the same path on 1 full-width layer (the tests run this)
+    python -m tools.gpu_proof            # a CUDA GPU: all 32 layers
+    python -m tools.gpu_proof --small    # anywhere: the same path on 1 full-width layer (the tests run this)
 
 No weights to download: the LLM is llama_shape.py's (Llama-3.1-8B's config and real
 tokenizer, random weights) and CLIP ViT-B-32 is random. Three parts, each in a fresh process:
@@ -31,32 +31,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
-ROOT = Path(__file__).resolve().parent
+import settings
+from settings import setting
+
+ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = [str(ROOT / "configs/llama3-8b.yaml"), "--clip_pretrained", "none"]  # the LLM is given per part
 
 
 @dataclass
 class ProofConfig:
-    small: bool = field(default=False, metadata={"help": "1 layer, 2 steps, the precision this machine does fast: "
-                                                         "the whole path in minutes on a CPU"})
-    steps: int = field(default=30, metadata={"help": "FP16 training steps timed"})
-    work_dir: str = field(default="", metadata={"help": "where the folder base and the runs go (default: a temporary "
-                                                        "folder; the 32-layer base takes 16 GB)"})
+    small: bool = setting(False, "1 layer, 2 steps, the precision this machine does fast: the whole path in "
+                                 "minutes on a CPU")
+    steps: int = setting(30, "FP16 training steps timed")
+    work_dir: str = setting("", "where the folder base and the runs go (default: a temporary folder; the 32-layer "
+                                "base takes 16 GB)")
 
 
 def run(*args: str) -> str:
-    """A repo script in a fresh process (each part's memory is its own); its stdout."""
+    """A repo script (or `-m`, a tool) in a fresh process (each part's memory is its own); its stdout."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    name = " ".join(args[:2] if args[0] == "-m" else args[:1])
     if result.returncode:
-        sys.exit(f"gpu_proof.py: {' '.join(args[:1])} failed:\n{(result.stdout + result.stderr)[-3000:]}")
-    print(f"  ({Path(args[0]).name} took {time.perf_counter() - started:.0f} s)", flush=True)
+        sys.exit(f"gpu_proof: {name} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    print(f"  ({name} took {time.perf_counter() - started:.0f} s)", flush=True)
     return result.stdout
 
 
@@ -67,13 +70,13 @@ def last_json(output: str) -> dict:
 def main(proof: ProofConfig) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda and not proof.small:
-        sys.exit("gpu_proof.py: no CUDA GPU here; `python gpu_proof.py --small` runs the same path on one layer")
+        sys.exit("gpu_proof.py: no CUDA GPU here; `python -m tools.gpu_proof --small` runs the same path on one layer")
     size = ["--llm_layers", "1", "--dtype", "auto", "--mixed_precision", "no"] if proof.small else []
     steps = "2" if proof.small else str(proof.steps)
     results = {}
 
     print("1. FP16 LoRA, the reference configuration" + (" (small: 1 layer, dtype auto)" if proof.small else ""))
-    bench = last_json(run("benchmark.py", *REFERENCE, "--llm", "llama3.1-8b-shape", *size, "--steps", steps,
+    bench = last_json(run("-m", "tools.benchmark", *REFERENCE, "--llm", "llama3.1-8b-shape", *size, "--steps", steps,
                           "--generate_images", "4" if proof.small else "32"))
     results["lora"] = bench
     print(f"   step {bench['train_step_seconds']} s, {bench['train_tokens_per_second']} tokens/s, "
@@ -111,5 +114,5 @@ def main(proof: ProofConfig) -> dict:
 
 
 if __name__ == "__main__":
-    proof_config, = HfArgumentParser(ProofConfig).parse_args_into_dataclasses()
+    proof_config, = settings.parse(sys.argv[1:], ProofConfig, program="python -m tools.gpu_proof")
     print(json.dumps(main(proof_config)))

@@ -1,8 +1,8 @@
 """Speed of the training step and of generation on this machine, as ratios measured in one run.
 
-    python benchmark.py                                  # the embedded default, dtype auto
-    python benchmark.py --dtype float32 --steps 5        # any finetune.py setting, and the ones below
-    python benchmark.py configs/llama3-8b.yaml --steps 5 # the reference configuration (GPU)
+    python -m tools.benchmark                                  # the embedded default, dtype auto
+    python -m tools.benchmark --dtype float32 --steps 5        # any finetune.py setting, and the ones below
+    python -m tools.benchmark configs/llama3-8b.yaml --steps 5 # the reference configuration (GPU)
 
 Prints this machine's matmul peak in the dtype in use (a large square matmul), the
 training step's FLOPs (counted by torch's FlopCounterMode over one real step), the
@@ -27,13 +27,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import dsl
 import finetune
 import hardware
-from model import DiagramReader, _setting
+from model import DiagramReader
+from settings import setting
 
 
 @dataclass
 class BenchmarkConfig:
-    steps: int = _setting(10, "training steps timed (after one warm-up step)")
-    generate_images: int = _setting(32, "images read at batch 1 and then at batch 32")
+    steps: int = setting(10, "training steps timed (after one warm-up step)")
+    generate_images: int = setting(32, "images read at batch 1 and then at batch 32")
 
 
 def random_batch(reader: DiagramReader, batch_size: int, rng: random.Random, device) -> dict:
@@ -45,21 +46,21 @@ def random_batch(reader: DiagramReader, batch_size: int, rng: random.Random, dev
 
 
 def main(argv: list[str]) -> dict:
-    config, train, bench = finetune.parse_configs(argv, BenchmarkConfig)
-    accelerator, dtype = finetune.set_up(config, train)
+    config, training, bench = finetune.parse_configs(argv, BenchmarkConfig)
+    accelerator, dtype = finetune.set_up(config, training)
     device = accelerator.device
-    reader = finetune.load_model(config, train, dtype)
-    optimizer, scheduler = finetune.make_optimizer(reader, train, total_steps=bench.steps + 1)
+    reader = finetune.load_model(config, training, dtype)
+    optimizer, scheduler = finetune.make_optimizer(reader, training, total_steps=bench.steps + 1)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     rng = random.Random(0)
 
     def step():
-        return finetune.train_step(model, [random_batch(reader, train.batch_size, rng, device)], optimizer,
-                                   scheduler, accelerator, train.grad_clip)[1]
+        return finetune.train_step(model, [random_batch(reader, training.batch_size, rng, device)], optimizer,
+                                   scheduler, accelerator, training.grad_clip)[1]
 
-    batch = random_batch(reader, train.batch_size, rng, device)
+    batch = random_batch(reader, training.batch_size, rng, device)
     with FlopCounterMode(display=False) as counter:  # the warm-up step, counted
-        finetune.train_step(model, [batch], optimizer, scheduler, accelerator, train.grad_clip)
+        finetune.train_step(model, [batch], optimizer, scheduler, accelerator, training.grad_clip)
     step_flops = counter.get_total_flops()
     tokens = int(batch["attention_mask"].sum())
     hardware.reset_peak_memory(device)
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> dict:
     achieved = step_flops / step_seconds / 1e9
     result = {
         "device": hardware.describe(device), "llm": config.llm, "dtype": str(dtype).removeprefix("torch."),
-        "batch_size": train.batch_size, "tokens_per_step": tokens,
+        "batch_size": training.batch_size, "tokens_per_step": tokens,
         "train_step_seconds": round(step_seconds, 3), "train_step_gflop": round(step_flops / 1e9, 1),
         "train_step_gflops_per_s": round(achieved, 1),
         "matmul_peak_gflops_per_s": round(peak, 1), "mlp_matmul_gflops_per_s": round(mlp, 1),

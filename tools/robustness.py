@@ -1,7 +1,7 @@
 """How well a checkpoint reads damaged pictures: ordinary damage, each kind scored apart.
 
-    python robustness.py --checkpoint checkpoints --csv test.csv
-    python robustness.py --checkpoint checkpoints --csv other/data.csv --num 100 --out_dir damaged
+    python -m tools.robustness --checkpoint checkpoints --csv test.csv
+    python -m tools.robustness --checkpoint checkpoints --csv other/data.csv --num 100 --out_dir damaged
 
 Damages the first --num images of a data CSV in each way of damage.CHECKS (seeded: the
 same damage every time), writes them with a CSV per kind under --out_dir (to look at, or to
@@ -22,19 +22,21 @@ import damage
 import data
 import dsl
 import inference
-from model import CheckpointError, _setting
+import settings
+from model import CheckpointError
+from settings import setting
 
 
 @dataclass
 class Arguments:
-    checkpoint: str = _setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
-    csv: str = _setting("test.csv", "the data CSV whose images are damaged")
-    num: int = _setting(200, "how many of its images (the first ones)")
-    out_dir: str = _setting("damaged", "where the damaged images and their CSVs go")
-    seed: int = _setting(0, "seeds the random parts of the damage")
-    batch_size: int = _setting(32, "images decoded together")
-    device: str = _setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
-    dtype: str = _setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+    checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
+    csv: str = setting("test.csv", "the data CSV whose images are damaged")
+    num: int = setting(200, "how many of its images (the first ones)")
+    out_dir: str = setting("damaged", "where the damaged images and their CSVs go")
+    seed: int = setting(0, "seeds the random parts of the damage")
+    batch_size: int = setting(32, "images decoded together")
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
+    dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
 
 def write_damaged(rows: list[data.Row], kind: str, out_dir: Path, seed: int) -> list[Path]:
@@ -67,9 +69,7 @@ def main(args: Arguments) -> dict:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    (arguments,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    (arguments,) = settings.parse(sys.argv[1:], Arguments, program="python -m tools.robustness")
     try:
         print(json.dumps(main(arguments)))
     except (data.DataError, CheckpointError) as error:

@@ -1,7 +1,7 @@
 """How much memory a configuration's training step needs at full depth, from a few layers.
 
-    python memory.py configs/llama3-8b.yaml --llm llama3.1-8b-shape --dtype bfloat16 --mixed_precision no
-    python memory.py configs/llama3-8b.yaml --llm llama3.1-8b-shape --gradient_checkpointing
+    python -m tools.memory configs/llama3-8b.yaml --llm llama3.1-8b-shape --dtype bfloat16 --mixed_precision no
+    python -m tools.memory configs/llama3-8b.yaml --llm llama3.1-8b-shape --gradient_checkpointing
 
 Runs check.py (one training step, in a fresh process each time) with the first 1, 2 and 4
 decoder layers of the configured LLM at full width, reads each step's peak memory (GPU:
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 import finetune
-import model
+import language_model
 
 LAYERS = (1, 2, 4)
 
 
 def peak_gib(argv: list[str], layers: int) -> float:
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("check.py")), *argv,
-                             "--llm_layers", str(layers)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "tools.check", *argv, "--llm_layers", str(layers)],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     found = re.search(r"peak memory .*? ([0-9.]+) GiB", result.stdout)
     if result.returncode or not found:
         sys.exit(f"memory.py: check.py with {layers} layer(s) failed:\n{(result.stdout + result.stderr)[-2000:]}")
@@ -35,7 +35,7 @@ def peak_gib(argv: list[str], layers: int) -> float:
 
 def main(argv: list[str]):
     config, _ = finetune.parse_configs(argv)  # the settings, checked before the long runs
-    depth = model.llm_config(config.llm).num_hidden_layers
+    depth = language_model.llm_config(config.llm).num_hidden_layers
     peaks = [peak_gib(argv, n) for n in LAYERS]
     per_layer, base = np.polyfit(LAYERS, peaks, 1)
     print(f"{'layers':>8} {'peak GiB':>10}")

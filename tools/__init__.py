@@ -1,0 +1,10 @@
+"""Tools beside the recipe's four scripts, each run from the repo's root as a module:
+
+    python -m tools.check            one step of each part: will this configuration run here?
+    python -m tools.benchmark        the training step's FLOPs, speed and share of the matmul peak
+    python -m tools.memory           a step's peak memory at full depth, from a few layers
+    python -m tools.robustness       a checkpoint's scores on each kind of damaged picture
+    python -m tools.other_renderer   pictures from a second, independent renderer
+    python -m tools.learning_curve   validation scores against images seen, from runs' log.jsonl
+    python -m tools.gpu_proof        the reference configuration's path on a CUDA GPU
+"""
