@@ -14,6 +14,7 @@ picks, writes and resumes checkpoints.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import CheckpointError, DiagramReader, ModelConfig
+from model import CheckpointError, DiagramReader, ModelConfig, read_json
 
 
 def save(run_dir: Path, name: str, reader: DiagramReader, state: dict, training_state: dict) -> Path:
@@ -51,7 +52,7 @@ def save(run_dir: Path, name: str, reader: DiagramReader, state: dict, training_
 
 
 def read_state(folder: Path) -> dict:
-    return json.loads((Path(folder) / "state.json").read_text())
+    return read_json(Path(folder) / "state.json")
 
 
 def folders(run_dir: str | Path) -> list[Path]:
@@ -108,6 +109,28 @@ def find(path: str | Path) -> tuple[Path, str]:
     raise CheckpointError(f"no checkpoint in {path}: expected a config.json there, or epoch-*/step-* folders")
 
 
+def hold(run_dir: str | Path):
+    """Hold run_dir for this training run: another run started into the same folder while
+    this one is alive is refused. The lock is the OS's (flock) and ends with the process,
+    however it ends, so a killed run leaves nothing that blocks the next. Keep the returned
+    file open for the run's lifetime."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise CheckpointError(f"{run_dir} is in use by another training run (pid {holder}); wait for it to "
+                              "end, or pick another --output_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def resume_point(output_dir: str, resume: str, config: ModelConfig) -> Path | None:
     """The checkpoint --resume names, checked to fit `config`: None to start afresh, which
     is refused where output_dir already holds a run (it would be overwritten)."""
@@ -128,7 +151,7 @@ def resume_point(output_dir: str, resume: str, config: ModelConfig) -> Path | No
 def check_resumable(folder: Path, config: ModelConfig):
     """Refuse to resume a checkpoint made with other model settings, naming them."""
     # Settings added since the checkpoint was made take their defaults.
-    saved = asdict(type(config).from_dict(json.loads((folder / "config.json").read_text())))
+    saved = asdict(type(config).from_dict(read_json(folder / "config.json")))
     differ = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in asdict(config).items() if saved[k] != v]
     if differ:
         raise CheckpointError(f"cannot resume from {folder}: it was made for another model ("

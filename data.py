@@ -17,6 +17,7 @@ import dsl
 
 COLUMNS = ["image_path", "dsl"]
 SHOWN = 5  # bad rows listed in an error message
+MIN_SIDE = 16  # pixels: a smaller picture cannot show four quadrants' shapes
 
 
 class DataError(Exception):
@@ -41,17 +42,22 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used, or None."""
+    """Why an image file cannot be used, or None. The same check for training's CSVs and for
+    inference's pictures: a file cut short is refused even where PIL would decode what is there."""
     if not path.exists():
         return "no such file"
     if not path.is_file():
         return "not a file"
     try:
-        load_image(path)
+        with Image.open(path) as image:
+            image.verify()  # the file's structure and checksums, to its end
+        image = load_image(path)
     except UnidentifiedImageError:
         return "not an image"
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return f"cannot be decoded ({error})"
+    if min(image.size) < MIN_SIDE:
+        return f"too small to read ({image.width} x {image.height} pixels; at least {MIN_SIDE} on each side)"
     return None
 
 

@@ -37,7 +37,7 @@ import hardware
 import language_model
 import settings
 from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, with_examples
-from settings import SettingsError, setting
+from settings import SettingsError, check, setting
 from tracking import RunLog
 
 
@@ -49,17 +49,17 @@ class TrainConfig:
     skip_bad_rows: bool = setting(False, "train on the good rows of a CSV with bad ones, instead of stopping")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     dtype: str = setting("auto", "the frozen LLM's weights: auto (the fastest safe one here, by measurement), "
-                                  "float32, bfloat16 or float16")
+                                 "float32, bfloat16 or float16")
     mixed_precision: str = setting("auto", "accelerate's autocast: auto (fp16 with a gradient scaler for float16 "
-                                            "weights, else no), no, fp16, bf16")
+                                           "weights, else no), no, fp16, bf16")
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations during the backward pass: "
-                                                   "less memory, about a third more time a step")
+                                                  "less memory, about a third more time a step")
     load_in_4bit: bool = setting(False, "QLoRA: the frozen LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA "
-                                         "only), computing in --dtype; the adapter also loads onto the full base")
+                                        "only), computing in --dtype; the adapter also loads onto the full base")
     epochs: int = setting(1, "passes over the training images: varied images teach more than repeated ones")
     batch_size: int = setting(8, "images per micro-batch and process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step: the effective batch is "
-                                                   "batch_size x this x processes")
+                                                  "batch_size x this x processes")
     lr: float = setting(1e-3, "peak learning rate of the LoRA adapters")
     projector_lr: float = setting(1e-3, "peak learning rate of the projector and the new token embeddings")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -74,7 +74,25 @@ class TrainConfig:
     resume: str = setting("", "auto (output_dir's latest checkpoint, if any), a run folder or a checkpoint")
     wandb_project: str = setting("diagram-reader", "Weights & Biases project")
     wandb_mode: str = setting("auto", "auto (WANDB_MODE if set, else online when logged in, offline when not), "
-                                       "online, offline, disabled")
+                                      "online, offline, disabled")
+
+    def __post_init__(self):
+        """Each setting's range, checked when the settings are parsed: before data or models load."""
+        check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a share between 0 and 1")
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_samples"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
+        for name in ("lr", "projector_lr"):
+            check(0 < getattr(self, name) <= 1, name, getattr(self, name), "a learning rate above 0 (1e-3 is usual)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a fraction from 0 to 1")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a norm, or 0 for no clipping")
+        check(self.dtype in ("auto", *hardware.DTYPES), "dtype", self.dtype, f"auto, {', '.join(hardware.DTYPES)}")
+        check(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision", self.mixed_precision,
+              "auto, no, fp16 or bf16")
+        check(self.wandb_mode in ("auto", "online", "offline", "disabled"), "wandb_mode", self.wandb_mode,
+              "auto, online, offline or disabled")
 
 
 def parse_configs(argv: list[str], *extra) -> tuple:
@@ -87,8 +105,9 @@ def parse_configs(argv: list[str], *extra) -> tuple:
 
 def main(config: ModelConfig, training: TrainConfig) -> int:
     accelerator, dtype = set_up(config, training)
-    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config)
     train_rows, val_rows = split_data(training)
+    lock = checkpoint.hold(training.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held)
+    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config)
     steps_per_epoch = len(train_rows) // (training.batch_size * training.gradient_accumulation_steps
                                           * accelerator.num_processes)
     if steps_per_epoch == 0 or len(train_rows) <= config.num_shots:

@@ -29,7 +29,7 @@ import hardware
 import language_model
 import renderer
 import settings
-from model import CheckpointError, DiagramReader
+from model import CheckpointError, DiagramReader, read_json
 from settings import setting
 
 
@@ -110,7 +110,7 @@ def load(args: Arguments) -> DiagramReader:
     folder, why = checkpoint.find(args.checkpoint)
     print(f"checkpoint {folder} ({why})", file=sys.stderr)
     device = hardware.pick_device(args.device)
-    llm = args.llm or json.loads((folder / "config.json").read_text())["llm"]
+    llm = args.llm or read_json(folder / "config.json").get("llm", "")
     dtype, reason = hardware.choose_dtype(args.dtype, device, lambda: language_model.mlp_shape(llm))
     print(reason, file=sys.stderr)
     reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm, merge=True)

@@ -37,7 +37,7 @@ import data
 import dsl
 import language_model
 from language_model import IMAGE_END, IMAGE_START
-from settings import setting
+from settings import check, setting
 
 IMAGE_SLOT = -1  # input id of a position that holds an image embedding instead of a token's
 IGNORE = -100  # label of a position without loss
@@ -51,39 +51,77 @@ class ModelConfig:
     """Everything it takes to rebuild the model: saved with every checkpoint as config.json.
     The defaults are the embedded CPU configuration; configs/llama3-8b.yaml is the reference one."""
 
-    llm: str = setting(language_model.SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, a local folder, "
-                                 "a .gguf file, or llama3.1-8b-shape (Llama-3.1-8B's shape and tokenizer, "
-                                 "random weights: llama_shape.py)")
+    llm: str = setting(language_model.SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, "
+                                               "a local folder, a .gguf file, or llama3.1-8b-shape (Llama-3.1-8B's "
+                                               "shape and tokenizer, random weights: llama_shape.py)")
     llm_layers: int = setting(0, "keep only the LLM's first N decoder layers (0: all); each layer kept costs "
-                                  "time and memory in every step")
+                                 "time and memory in every step")
     clip_model: str = setting("ViT-B-32", "an open_clip architecture, or a .json file of one")
     clip_pretrained: str = setting("none", "open_clip weights (laion2b_s34b_b79k), a local file, or none: "
-                                            "random weights (no hub here)")
+                                           "random weights (no hub here)")
     clip_seed: int = setting(0, "seeds the random CLIP weights when clip_pretrained is none")
     image_features: str = setting("patches", "patches: one block's patch tokens (LLaVA); pooled: the single "
-                                              "CLIP embedding (1 token)")
+                                             "CLIP embedding (1 token)")
     clip_layer: int = setting(1, "the block whose patch tokens are read (-2: LLaVA's penultimate); with "
-                                  "random weights deeper blocks add cost, not information (probed)")
+                                 "random weights deeper blocks add cost, not information (probed)")
     image_size: int = setting(256, "CLIP's input side in pixels (0: the architecture's own, 224); 256 makes "
-                                    "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
+                                   "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
     patch_merge: int = setting(2, "each k x k block of patch tokens becomes one token: k*k fewer image tokens")
     projector: str = setting("mlp2x_gelu", "mlp2x_gelu (LLaVA's 2-layer GELU MLP) or linear")
     image_positions: bool = setting(False, "the projector adds a learned embedding per image token, so each "
-                                            "token says where in the picture it is (z-scoring the features "
-                                            "removes the position CLIP gave them)")
+                                           "token says where in the picture it is (z-scoring the features "
+                                           "removes the position CLIP gave them)")
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = setting(0.1, "dropout on the LoRA input")
     lora_target_modules: list[str] = setting(["q_proj", "v_proj"], "the LLM's linear layers that get adapters")
     num_shots: int = setting(0, "solved examples (image and DSL) in the prompt before the target image")
     instruction: str = setting("Read the diagram.", "the prompt's text; short: every token costs time in "
-                                                     "every step")
+                                                    "every step")
     quadrant_loss: float = setting(3.0, "a second loss that teaches the projector to see: a linear head names "
-                                         "what each quadrant of the image holds (empty, or a size and shape) from "
-                                         "the mean of its image tokens; each quadrant counts this many times as "
-                                         "much as a DSL token (0: off)")
+                                        "what each quadrant of the image holds (empty, or a size and shape) from "
+                                        "the mean of its image tokens; each quadrant counts this many times as "
+                                        "much as a DSL token (0: off)")
     target_format: str = setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
-                                          "text: the canonical text, whitespace tokens included (27)")
+                                         "text: the canonical text, whitespace tokens included (27)")
+
+    def __post_init__(self):
+        """Each setting's range, checked when the settings are parsed: before data or models load."""
+        check(self.llm_layers >= 0, "llm_layers", self.llm_layers, "a number of layers, or 0 for all")
+        check(self.image_features in ("patches", "pooled"), "image_features", self.image_features,
+              "patches or pooled")
+        check(self.projector in ("mlp2x_gelu", "linear"), "projector", self.projector, "mlp2x_gelu or linear")
+        check(self.target_format in ("tags", "text"), "target_format", self.target_format, "tags or text")
+        check(self.image_size >= 0, "image_size", self.image_size, "a side in pixels, or 0 for the encoder's own")
+        check(self.patch_merge >= 1, "patch_merge", self.patch_merge, "at least 1 (1: no merging)")
+        check(self.lora_r >= 1, "lora_r", self.lora_r, "a rank of at least 1")
+        check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "greater than 0")
+        check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "a probability from 0 to below 1")
+        check(len(self.lora_target_modules) > 0, "lora_target_modules", "(none)", "at least one layer name")
+        check(0 <= self.num_shots <= 8, "num_shots", self.num_shots, "from 0 to 8 solved examples")
+        check(self.quadrant_loss >= 0, "quadrant_loss", self.quadrant_loss, "a weight of 0 (off) or more")
+        if self.image_features == "patches":
+            self._check_patch_grid()
+
+    def _check_patch_grid(self):
+        """image_size and patch_merge against the encoder's patch size, read from open_clip's
+        config of the architecture (no weights loaded)."""
+        if self.clip_model.endswith(".json"):
+            path = Path(self.clip_model)
+            check(path.is_file(), "clip_model", self.clip_model, "no such file")
+            vision = json.loads(path.read_text()).get("vision_cfg", {})
+        else:
+            vision = (open_clip.get_model_config(self.clip_model) or {}).get("vision_cfg")
+            check(vision is not None, "clip_model", self.clip_model,
+                  f"not an open_clip architecture (e.g. {', '.join(open_clip.list_models()[:3])}, ...)")
+        patch, side = vision.get("patch_size"), self.image_size or vision.get("image_size")
+        if not isinstance(patch, int) or not isinstance(side, int):
+            return  # an architecture described otherwise (timm): the encoder checks itself when built
+        check(side % patch == 0, "image_size", self.image_size,
+              f"a multiple of {self.clip_model}'s patch size, {patch} px")
+        check((side // patch) % self.patch_merge == 0, "patch_merge", self.patch_merge,
+              f"must divide the {side // patch} x {side // patch} patch grid of {side} px images "
+              f"({self.clip_model}: 256 px makes it 8 x 8)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":

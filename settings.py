@@ -55,8 +55,10 @@ class _HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
-def make_parser(*classes, program: str | None = None) -> HfArgumentParser:
-    parser = HfArgumentParser(classes, prog=program, formatter_class=_HelpFormatter)
+def make_parser(*classes, program: str | None = None, positional: str = "") -> HfArgumentParser:
+    # A one-line usage: an error is then two short lines, not the list of every setting.
+    usage = f"%(prog)s [--help] [CONFIG.yaml] [--SETTING VALUE ...]{' ' + positional if positional else ''}"
+    parser = HfArgumentParser(classes, prog=program, usage=usage, formatter_class=_HelpFormatter)
     for action in parser._actions:
         if action.dest != "help":
             # argparse formats help with %: a literal one ("15% faster") must be doubled.
@@ -88,7 +90,7 @@ def read_config_file(path: str, parser: HfArgumentParser, classes) -> dict:
 def unknown_flag_message(flags: list[str], parser: HfArgumentParser) -> str:
     known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
     messages = []
-    for flag in flags:
+    for flag in [f for f in flags if f.startswith("-")] or flags:  # the flags, not their values
         name = flag.split("=", 1)[0]
         guess = OTHER_NAMES.get(name.lstrip("-"))
         guesses = ([f"--{guess}"] if guess and f"--{guess}" in known else []) or \
@@ -100,7 +102,8 @@ def unknown_flag_message(flags: list[str], parser: HfArgumentParser) -> str:
 def parse(argv: list[str], *classes, program: str | None = None, positional: tuple[str, dict] | None = None) -> tuple:
     """The dataclasses `classes` from an optional config file (new defaults) and flags; with
     `positional` (a name and add_argument's keywords), also a namespace holding it."""
-    parser = make_parser(*classes, program=program)
+    parser = make_parser(*classes, program=program,
+                         positional=f"[{positional[1].get('metavar', positional[0])} ...]" if positional else "")
     if positional:
         parser.add_argument(positional[0], **positional[1])
     argv = list(argv)
