@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -59,28 +58,6 @@ def render_side_by_side(image_path: Path, prediction: str, out_path: Path, size:
         ImageDraw.Draw(canvas).text((size + 8, size // 2), "not a valid diagram", fill="red")
     ImageDraw.Draw(canvas).line([(size, 0), (size, size)], fill="gray")
     canvas.save(out_path)
-
-
-def ink_by_quadrant(image: Image.Image) -> list[bool]:
-    """Per quadrant (TopLeft, TopRight, BottomLeft, BottomRight): is anything drawn there?
-    Ink is a pixel much darker than the picture's median (its background), and a quadrant
-    has some when over 0.5% of its pixels are ink (a small thin outline is ~2%)."""
-    grey = np.asarray(image.convert("L"), dtype=float)
-    ink = grey < np.median(grey) - 60
-    half_h, half_w = ink.shape[0] // 2, ink.shape[1] // 2
-    quadrants = [ink[:half_h, :half_w], ink[:half_h, half_w:], ink[half_h:, :half_w], ink[half_h:, half_w:]]
-    return [q.mean() > 0.005 for q in quadrants]
-
-
-def agreement(image_path: Path, prediction: str) -> float:
-    """Render and compare: the share of quadrants where the picture has ink exactly where the
-    prediction, drawn by renderer.py, has an element (0 for an output that does not parse)."""
-    diagram = dsl.parse_or_none(prediction)
-    if diagram is None:
-        return 0.0
-    image = data.load_image(image_path)
-    drawn = ink_by_quadrant(renderer.render(diagram, image.width))
-    return sum(a == b for a, b in zip(ink_by_quadrant(image), drawn)) / 4
 
 
 def print_coverage(predictions, references, confidences, agreements):
@@ -140,11 +117,13 @@ def main(args: Arguments, image_args: list[str]) -> int:
 
     reader = load(args)
     with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
-        features = reader.vision.encode(paths, progress=bar)
-        predictions, confidences = reader.read(features, args.batch_size, args.constrained, progress=bar)
-    agreements = [agreement(path, prediction) for path, prediction in zip(paths, predictions)]
-    for path, prediction, confidence, agrees in zip(paths, predictions, confidences, agreements):
-        print(f"# {path} (confidence {confidence:.3f}, agreement {agrees:.2f})\n{dsl.canonical(prediction).rstrip()}")
+        readings = reader.read_images(paths, args.batch_size, args.constrained, progress=bar)
+    predictions = [r.dsl for r in readings]
+    confidences = [r.confidence for r in readings]
+    agreements = [r.agreement for r in readings]
+    for path, reading in zip(paths, readings):
+        print(f"# {path} (confidence {reading.confidence:.3f}, agreement {reading.agreement:.2f})\n"
+              f"{reading.dsl.rstrip()}")
     if args.flag_below:
         doubtful = [(p, c, a) for p, c, a in zip(paths, confidences, agreements) if c < args.flag_below or a < 1]
         print(f"{len(doubtful)} doubtful of {len(paths)} (confidence below {args.flag_below}, or ink that "
@@ -156,9 +135,9 @@ def main(args: Arguments, image_args: list[str]) -> int:
         with open(args.out, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["image_path", "dsl", "valid", "confidence", "agreement"])
-            for path, prediction, confidence, agrees in zip(paths, predictions, confidences, agreements):
-                writer.writerow([str(path), dsl.canonical(prediction), dsl.is_valid(prediction), f"{confidence:.4f}",
-                                 f"{agrees:.2f}"])
+            for path, reading in zip(paths, readings):
+                writer.writerow([str(path), reading.dsl, reading.valid, f"{reading.confidence:.4f}",
+                                 f"{reading.agreement:.2f}"])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):

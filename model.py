@@ -36,6 +36,7 @@ from torch import nn
 import data
 import dsl
 import language_model
+import renderer
 from language_model import IMAGE_END, IMAGE_START
 from settings import check, setting
 
@@ -290,7 +291,8 @@ IDENTITY_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP fea
 
 class DiagramReader(nn.Module):
     """Vision encoder (frozen) + projector + LLM with LoRA, and the solved examples its
-    prompt shows. Training feeds cached vision features to `forward`; `read` takes images."""
+    prompt shows. Training feeds cached vision features to `forward`; `read` reads vision
+    features (vision.encode makes them), `read_images` reads pictures."""
 
     def __init__(self, config: ModelConfig, vision: VisionEncoder, projector: Projector, llm, tokenizer,
                  llm_fingerprint: float, examples: list[tuple[Image.Image, str]] = ()):
@@ -506,11 +508,41 @@ class DiagramReader(nn.Module):
                 progress.update(len(chunk))
         return texts, confidences
 
+    @torch.no_grad()
+    def read_images(self, images: list[Image.Image | str | Path], batch_size: int = 32, constrained: bool = True,
+                    progress=None) -> list[Reading]:
+        """Read pictures (PIL images or files): each one's DSL, confidence and agreement.
+
+            reader = DiagramReader.from_pretrained("checkpoints/best")
+            for reading in reader.read_images(["example.png"]):
+                print(reading.dsl, reading.confidence, reading.agreement)
+        """
+        readings = []
+        for start in range(0, len(images), 256):  # a chunk of pictures in memory at a time
+            pictures = [image.convert("RGB") if isinstance(image, Image.Image) else data.load_image(image)
+                        for image in images[start:start + 256]]
+            texts, confidences = self.read(self.vision.encode(pictures, progress=progress), batch_size,
+                                           constrained, progress=progress)
+            readings += [Reading(dsl.canonical(text), dsl.is_valid(text), confidence,
+                                 renderer.agreement(picture, text))
+                         for picture, text, confidence in zip(pictures, texts, confidences)]
+        return readings
+
     def trainable_parameters(self):
         """(LoRA weights, projector and new-token embeddings): the two learning-rate groups."""
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
         rest = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" not in n]
         return lora, rest + list(self.projector.parameters())
+
+
+@dataclass
+class Reading:
+    """What the model read in one picture."""
+
+    dsl: str  # the canonical DSL text (the raw output where it does not parse: never with grammar decoding)
+    valid: bool  # the text parses as a diagram
+    confidence: float  # the lowest probability the model gave to a token it chose
+    agreement: float  # share of quadrants where the picture has ink exactly where the DSL draws an element
 
 
 def load_base_models(config: ModelConfig, dtype, load_in_4bit: bool = False, identity: dict | None = None):

@@ -16,6 +16,7 @@ import random
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 import dsl
@@ -91,6 +92,29 @@ def render(diagram: dsl.Diagram, size: int = 224, style: Style = NOMINAL,
             apex = ((left + right) / 2, top)
             draw.polygon((apex, (right, bottom), (left, bottom)), fill=fill, outline=outline, width=width)
     return image
+
+
+# ---------------------------------------------------------------------------- render and compare
+
+def ink_by_quadrant(image: Image.Image) -> list[bool]:
+    """Per quadrant (TopLeft, TopRight, BottomLeft, BottomRight): is anything drawn there?
+    Ink is a pixel much darker than the picture's median (its background), and a quadrant
+    has some when over 0.5% of its pixels are ink (a small thin outline is ~2%)."""
+    grey = np.asarray(image.convert("L"), dtype=float)
+    ink = grey < np.median(grey) - 60
+    half_h, half_w = ink.shape[0] // 2, ink.shape[1] // 2
+    quadrants = [ink[:half_h, :half_w], ink[:half_h, half_w:], ink[half_h:, :half_w], ink[half_h:, half_w:]]
+    return [q.mean() > 0.005 for q in quadrants]
+
+
+def agreement(image: Image.Image, prediction: str) -> float:
+    """Render and compare: the share of quadrants where the picture has ink exactly where the
+    prediction, drawn here, has an element (0 for an output that does not parse)."""
+    diagram = dsl.parse_or_none(prediction)
+    if diagram is None:
+        return 0.0
+    drawn = ink_by_quadrant(render(diagram, image.width))
+    return sum(a == b for a, b in zip(ink_by_quadrant(image), drawn)) / 4
 
 
 def main(argv=None):
