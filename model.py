@@ -142,14 +142,13 @@ class VisionEncoder(nn.Module):
         if name.endswith(".json"):  # an architecture of your own, in open_clip's config format
             open_clip.add_model_config(name)
             name = Path(name).stem
+        self.architecture = open_clip.get_model_config(name)  # open_clip's config: what export.py writes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.clip_seed)  # random weights, the same ones every time
             clip, _, self.preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, force_image_size=config.image_size or None)
         self.visual = clip.visual.eval().requires_grad_(False)  # the text tower is not needed
         self.features = config.image_features
-        if self.features not in ("patches", "pooled"):
-            raise ValueError(f"image_features must be 'patches' or 'pooled', not {self.features!r}")
         blocks = len(self.visual.transformer.resblocks)
         self.layer = config.clip_layer % blocks
         self.merge = config.patch_merge
@@ -345,13 +344,16 @@ class DiagramReader(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype=torch.float32, llm_name: str = "",
                         trainable: bool = False, load_in_4bit: bool = False, merge: bool = False) -> "DiagramReader":
-        """A saved model, for inference or (trainable) to resume training; `llm_name` loads
+        """A saved model (a checkpoint folder, or a run's `best` pointer), for inference or
+        (trainable) to resume training; `llm_name` loads
         the base LLM from elsewhere than config.json says (the same model, moved). `merge`
         folds the adapter and the new rows into the base weights, for reading only: no adapter
         work per token and no copy of the embedding matrix per step. Refuses,
         with a CheckpointError that says why, a checkpoint whose files are missing or whose
         base LLM or CLIP cannot be loaded or differ from the ones it was trained with."""
         folder = Path(folder)
+        if folder.is_file() and folder.name == "best":  # a run's pointer: "checkpoints/best"
+            folder = folder.parent / folder.read_text().strip()
         missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(f"{folder} is not a complete checkpoint: missing {', '.join(missing)}")
