@@ -34,4 +34,4 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf images data.csv test.csv checkpoints predictions.csv wandb other
+	rm -rf images data.csv test.csv checkpoints predictions.csv wandb other damaged damaged_other renders exported
