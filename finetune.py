@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.flop_counter import FlopCounterMode
@@ -60,6 +61,10 @@ class TrainConfig:
     batch_size: int = setting(8, "images per micro-batch and process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step: the effective batch is "
                                                   "batch_size x this x processes")
+    projector_warmup_epochs: int = setting(0, "first, the projector alone learns the quadrant loss on the cached "
+                                              "features for this many epochs (no LLM: cheap), so that the LLM "
+                                              "starts from a projector that already sees (LLaVA's first stage)")
+    projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, batch 128, cosine)")
     lr: float = setting(1e-3, "peak learning rate of the LoRA adapters")
     projector_lr: float = setting(1e-3, "peak learning rate of the projector and the new token embeddings")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -81,9 +86,9 @@ class TrainConfig:
         check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a share between 0 and 1")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_samples"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints"):
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints", "projector_warmup_epochs"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
-        for name in ("lr", "projector_lr"):
+        for name in ("lr", "projector_lr", "projector_warmup_lr"):
             check(0 < getattr(self, name) <= 1, name, getattr(self, name), "a learning rate above 0 (1e-3 is usual)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a fraction from 0 to 1")
@@ -118,13 +123,14 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
 
     reader = load_model(config, training, dtype, resume_from)
     train_features, val_features = encode_images(reader, train_rows, val_rows, accelerator)
+    cost = RunCost(checkpoint.read_state(resume_from).get("train_flops", 0) if resume_from else 0)
     if not resume_from:
         reader.projector.set_feature_statistics(train_features)
         reader.examples = [(data.load_image(r.image_path), r.dsl) for r in train_rows[:config.num_shots]]
+        warm_up_projector(reader.projector, train_rows, train_features, training, cost, accelerator)
     optimizer, scheduler = make_optimizer(reader, training, total_steps)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
     step, start = restore(resume_from, optimizer, scheduler, accelerator)
-    cost = RunCost(checkpoint.read_state(resume_from).get("train_flops", 0) if resume_from else 0)
     hardware.reset_peak_memory(accelerator.device)  # the steps' peak memory is logged, not loading's
     log = RunLog(Path(training.output_dir), {**asdict(config), **asdict(training)}, training.wandb_project,
                  training.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
@@ -137,7 +143,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
     with StopRequested() as stop:
         while step < total_steps:
             batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, training, accelerator)
-            with cost.count(batches, accelerator.num_processes):
+            with cost.count(tuple(tuple(b["input_ids"].shape) for b in batches), accelerator.num_processes):
                 loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, training.grad_clip)
             step += 1
             if not math.isfinite(loss):
@@ -191,6 +197,9 @@ def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, tor
     if mixed_precision == "fp16" and device.type != "cuda":
         raise SettingsError("FP16 training (--dtype float16 / --mixed_precision fp16) needs a CUDA GPU; on a CPU "
                             "use --dtype auto (or float32, bfloat16) and --mixed_precision no")
+    if training.projector_warmup_epochs and not config.quadrant_loss:
+        raise SettingsError("--projector_warmup_epochs trains the projector on the quadrant loss: it needs "
+                            "--quadrant_loss above 0")
     if training.load_in_4bit and device.type != "cuda":
         raise SettingsError("--load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
                             f"this {device.type}; train without it (the full base in --dtype)")
@@ -229,6 +238,31 @@ def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator):
               disable=not accelerator.is_main_process) as bar:
         return (reader.vision.encode([r.image_path for r in train_rows], progress=bar),
                 reader.vision.encode([r.image_path for r in val_rows], progress=bar))
+
+
+def warm_up_projector(projector, train_rows, train_features, training: TrainConfig, cost: RunCost, accelerator):
+    """LLaVA's first stage, with the quadrant loss as its signal: the projector and its
+    quadrant head alone, on the cached features, before the LLM sees an image."""
+    if not training.projector_warmup_epochs:
+        return
+    targets = torch.tensor([dsl.quadrant_classes(dsl.parse(row.dsl)) for row in train_rows])
+    batch_size = 128
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=training.projector_warmup_lr)
+    total = math.ceil(len(train_rows) / batch_size) * training.projector_warmup_epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    generator = torch.Generator().manual_seed(training.seed)
+    projector.to(accelerator.device).train()
+    for _ in tqdm(range(training.projector_warmup_epochs), desc="projector warm-up", unit="epoch",
+                  disable=not accelerator.is_main_process):
+        order = torch.randperm(len(train_rows), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            with cost.count(("projector warm-up", len(batch))):
+                logits = projector.quadrant_logits(projector(train_features[batch].to(accelerator.device)))
+                F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten().to(accelerator.device)).backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def make_optimizer(reader: DiagramReader, training: TrainConfig, total_steps: int):
@@ -371,8 +405,8 @@ class RunCost:
         self.train_flops, self.by_shape = train_flops, {}
 
     @contextlib.contextmanager
-    def count(self, batches: list[dict], processes: int):
-        shape = tuple(tuple(b["input_ids"].shape) for b in batches)
+    def count(self, shape: tuple, processes: int = 1):
+        """Add the FLOPs of the work inside, whose cost `shape` determines."""
         if shape in self.by_shape:
             yield
         else:
