@@ -171,30 +171,45 @@ def canonical(text: str) -> str:
     return to_text(diagram) if diagram is not None else text
 
 
-def to_tags(diagram: Diagram) -> list[str]:
+def to_tags(diagram: Diagram, position_first: bool = False) -> list[str]:
     """The diagram as its tags alone, no whitespace: what the model reads and writes.
-    `"".join(to_tags(d))` parses back to d (the parser splits "<Large><Circle>")."""
-    return [START] + [f"<{part}>" for e in diagram.elements for part in (e.size, e.shape, e.position)] + [END]
+    `"".join(to_tags(d))` parses back to d (the parser splits "<Large><Circle>"). With
+    `position_first`, each element is written <Position> <Size> <Shape>: a model then says
+    where it looks before what it sees there (`from_position_first` restores the DSL's order)."""
+    def parts(e: Element):
+        return (e.position, e.size, e.shape) if position_first else (e.size, e.shape, e.position)
+    return [START] + [f"<{part}>" for e in diagram.elements for part in parts(e)] + [END]
 
 
-def next_tags(tags: list[str]) -> list[str]:
+def from_position_first(text: str) -> str:
+    """Position-first tags ("<StartDiagram><TopLeft><Large><Circle><EndDiagram>") in the DSL's
+    own order; a text that is not complete elements of three tags is returned as it is."""
+    tags = re.findall(r"<[^<>\s]*>", text)
+    middle = tags[1:-1]
+    if len(tags) < 2 or len(middle) % 3:
+        return text
+    triples = [middle[i:i + 3] for i in range(0, len(middle), 3)]
+    return "".join([tags[0], *(t for p, size, shape in triples for t in (size, shape, p)), tags[-1]])
+
+
+def next_tags(tags: list[str], position_first: bool = False) -> list[str]:
     """The grammar, as the tags that may follow `tags` (a valid prefix of `to_tags` of some
-    diagram): what constrained decoding allows at each step. Positions come in canonical
-    order, so a position must be later than the previous element's, and a new element may
-    start only while a later position is still free."""
+    diagram, in the same order): what constrained decoding allows at each step. Positions
+    come in canonical order, so a position must be later than the previous element's, and a
+    new element may start only while a later position is still free."""
     if not tags:
         return [START]
     kind = _KIND_OF_TAG.get(tags[-1])
     positions = [POSITIONS.index(t[1:-1]) for t in tags if _KIND_OF_TAG.get(t) == "position"]
     after = positions[-1] + 1 if positions else 0
-    if kind in ("start", "position"):
-        more = [f"<{s}>" for s in SIZES] if after < len(POSITIONS) else []
-        return more + ([END] if kind == "position" else [])
-    if kind == "size":
-        return [f"<{s}>" for s in SHAPES]
-    if kind == "shape":
-        return [f"<{p}>" for p in POSITIONS[after:]]
-    return []  # after <EndDiagram>: nothing
+    sizes, shapes = [f"<{s}>" for s in SIZES], [f"<{s}>" for s in SHAPES]
+    free = [f"<{p}>" for p in POSITIONS[after:]]
+    if position_first:
+        following = {"start": free, "shape": free + [END], "position": sizes, "size": shapes}
+    else:
+        following = {"start": sizes if free else [], "position": (sizes if free else []) + [END], "size": shapes,
+                     "shape": free}
+    return following.get(kind, [])  # after <EndDiagram>: nothing
 
 
 QUADRANT_CLASSES = 1 + len(SIZES) * len(SHAPES)  # empty, or one size-shape pair

@@ -81,7 +81,8 @@ def export(checkpoint_folder: Path, out: Path, args: Arguments) -> dict:
               "instruction": reader.config.instruction, "instruction_ids": reader.instruction_ids,
               "image_start_id": reader.image_start_id, "image_end_id": reader.image_end_id,
               "end_id": reader.end_id, "max_new_tokens": len(reader.dsl_ids(dsl.to_text(FULL_DIAGRAM))) + 8,
-              "examples": examples, "dtype": args.dtype, "trained_with": reader.config.__dict__}
+              "position_first": reader.position_first, "examples": examples, "dtype": args.dtype,
+              "trained_with": reader.config.__dict__}
     (out / "reader_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
     shutil.copy(Path(__file__).with_name("read_exported.py"), out / "read.py")
 

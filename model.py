@@ -43,6 +43,8 @@ from settings import check, setting
 IMAGE_SLOT = -1  # input id of a position that holds an image embedding instead of a token's
 IGNORE = -100  # label of a position without loss
 
+TARGET_FORMATS = ("tags", "tags_position_first", "text")
+
 # Every tag is one token, so all four-element diagrams are equally long: the longest.
 FULL_DIAGRAM = dsl.Diagram(tuple(dsl.Element("Large", "Circle", p) for p in dsl.POSITIONS))
 
@@ -84,6 +86,8 @@ class ModelConfig:
                                         "the mean of its image tokens; each quadrant counts this many times as "
                                         "much as a DSL token (0: off)")
     target_format: str = setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
+                                         "tags_position_first: the same with each element's position first "
+                                         "(where, then what: read back in the DSL's order); "
                                          "text: the canonical text, whitespace tokens included (27)")
 
     def __post_init__(self):
@@ -92,7 +96,7 @@ class ModelConfig:
         check(self.image_features in ("patches", "pooled"), "image_features", self.image_features,
               "patches or pooled")
         check(self.projector in ("mlp2x_gelu", "linear"), "projector", self.projector, "mlp2x_gelu or linear")
-        check(self.target_format in ("tags", "text"), "target_format", self.target_format, "tags or text")
+        check(self.target_format in TARGET_FORMATS, "target_format", self.target_format, ", ".join(TARGET_FORMATS))
         check(self.image_size >= 0, "image_size", self.image_size, "a side in pixels, or 0 for the encoder's own")
         check(self.patch_merge >= 1, "patch_merge", self.patch_merge, "at least 1 (1: no merging)")
         check(self.lora_r >= 1, "lora_r", self.lora_r, "a rank of at least 1")
@@ -303,8 +307,7 @@ class DiagramReader(nn.Module):
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id, self.image_end_id, self.end_id = ids(IMAGE_START), ids(IMAGE_END), ids(dsl.END)
         self.instruction_ids = tokenizer(config.instruction).input_ids  # with BOS where the tokenizer adds one
-        if config.target_format not in ("tags", "text"):
-            raise ValueError(f"target_format must be 'tags' or 'text', not {config.target_format!r}")
+        self.position_first = config.target_format == "tags_position_first"
         self.max_dsl_tokens = len(self.dsl_ids(dsl.to_text(FULL_DIAGRAM)))
 
     @classmethod
@@ -389,8 +392,8 @@ class DiagramReader(nn.Module):
     def dsl_ids(self, text: str) -> list[int]:
         """The target tokens of a diagram text, up to and including <EndDiagram> (generation
         stops there): its tags alone, or its canonical text (target_format)."""
-        if self.config.target_format == "tags":
-            return self.tokenizer.convert_tokens_to_ids(dsl.to_tags(dsl.parse(text)))
+        if self.config.target_format != "text":
+            return self.tokenizer.convert_tokens_to_ids(dsl.to_tags(dsl.parse(text), self.position_first))
         return self.tokenizer(dsl.canonical(text).rstrip(), add_special_tokens=False).input_ids
 
     def image_ids(self) -> list[int]:
@@ -460,7 +463,7 @@ class DiagramReader(nn.Module):
         tags = self.tokenizer.convert_ids_to_tokens(generated.tolist())
         if dsl.END in tags:
             return [self.end_id]  # finished: the row is padded from here on
-        return self.tokenizer.convert_tokens_to_ids(dsl.next_tags(tags))
+        return self.tokenizer.convert_tokens_to_ids(dsl.next_tags(tags, self.position_first))
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, example_dsls: list[list[str]],
@@ -472,7 +475,7 @@ class DiagramReader(nn.Module):
         batch = self.collate(images, example_dsls)
         device = self.projector.feature_mean.device
         embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["images"].to(device)))
-        grammar = self.allowed_tokens if constrained and self.config.target_format == "tags" else None
+        grammar = self.allowed_tokens if constrained and self.config.target_format != "text" else None
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
                                 max_new_tokens=self.max_dsl_tokens + 8,
                                 do_sample=False, num_beams=1, eos_token_id=self.end_id,
@@ -484,7 +487,8 @@ class DiagramReader(nn.Module):
         texts, confidences = [], []
         for row, row_probabilities in zip(chosen.tolist(), probabilities.tolist()):
             length = row.index(self.end_id) + 1 if self.end_id in row else len(row)
-            texts.append(self.tokenizer.decode(row[:length], skip_special_tokens=False))
+            text = self.tokenizer.decode(row[:length], skip_special_tokens=False)
+            texts.append(dsl.from_position_first(text) if self.position_first else text)
             confidences.append(min(row_probabilities[:length]))
         return texts, confidences
 

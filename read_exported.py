@@ -61,7 +61,10 @@ def read(picture: Image.Image, folder: Path, config, visual, preprocess, project
     tags = re.findall(r"<[A-Za-z]+>", text)  # the DSL's tags, in the order written
     if len(tags) < 2:
         return text + "\n"
-    return "\n".join([tags[0], *("  " + " ".join(tags[i:i + 3]) for i in range(1, len(tags) - 1, 3)), *tags[-1:]]) + "\n"
+    elements = [tags[i:i + 3] for i in range(1, len(tags) - 1, 3)]
+    if config["position_first"]:  # written <Position> <Size> <Shape>: the DSL's lines say <Size> <Shape> <Position>
+        elements = [e[1:] + e[:1] for e in elements]
+    return "\n".join([tags[0], *("  " + " ".join(e) for e in elements), *tags[-1:]]) + "\n"
 
 
 if __name__ == "__main__":

@@ -147,3 +147,22 @@ def test_any_walk_through_the_grammar_is_a_valid_diagram():
             tags.append(rng.choice(allowed))
         seen.add(dsl.parse("".join(tags)))  # raises if the grammar let an invalid text through
     assert len(seen) > 500  # many different diagrams, not one path
+
+
+def test_the_position_first_grammar_accepts_every_diagram_and_reads_back_in_order():
+    for diagram in dsl.all_diagrams():
+        tags = dsl.to_tags(diagram, position_first=True)
+        for i, tag in enumerate(tags):
+            assert tag in dsl.next_tags(tags[:i], position_first=True), (tags, i)
+        assert dsl.next_tags(tags, position_first=True) == []
+        assert dsl.parse(dsl.from_position_first("".join(tags))) == diagram
+
+
+def test_any_walk_through_the_position_first_grammar_is_a_valid_diagram():
+    rng = random.Random(1)
+    for _ in range(1000):
+        tags = []
+        while allowed := dsl.next_tags(tags, position_first=True):
+            tags.append(rng.choice(allowed))
+        dsl.parse(dsl.from_position_first("".join(tags)))  # raises if the grammar let an invalid text through
+    assert dsl.from_position_first("<StartDiagram><TopLeft><Large>") == "<StartDiagram><TopLeft><Large>"  # left as is

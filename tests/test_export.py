@@ -12,10 +12,12 @@ from test_finetune import run_script, tiny_args
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_llm, tiny_clip, tiny_dataset):
-    """A tiny one-shot run with image position embeddings, exported with scores for its card."""
+    """A tiny one-shot run with image position embeddings and position-first targets, exported
+    with scores for its card."""
     run_dir = tmp_path_factory.mktemp("run")
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--num_shots", "1",
-                                                  "--image_positions", "true"))
+                                                  "--image_positions", "true",
+                                                  "--target_format", "tags_position_first"))
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path_factory.mktemp("export") / "reader"
     result = run_script("export.py", str(run_dir), str(out), "--eval_csv", str(tiny_dataset / "test.csv"))
