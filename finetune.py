@@ -197,6 +197,8 @@ def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, tor
     if mixed_precision == "fp16" and device.type != "cuda":
         raise SettingsError("FP16 training (--dtype float16 / --mixed_precision fp16) needs a CUDA GPU; on a CPU "
                             "use --dtype auto (or float32, bfloat16) and --mixed_precision no")
+    if config.llm_layers and config.llm_layers > (depth := language_model.llm_config(config.llm).num_hidden_layers):
+        raise SettingsError(f"--llm_layers {config.llm_layers}: {config.llm} has {depth} layers")
     if training.projector_warmup_epochs and not config.quadrant_loss:
         raise SettingsError("--projector_warmup_epochs trains the projector on the quadrant loss: it needs "
                             "--quadrant_loss above 0")

@@ -37,6 +37,7 @@ BAD = [  # (script, arguments, what the one line must say)
     ("finetune.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
     ("finetune.py", ["--patch_merge", "3"], "--patch_merge 3: must divide the 8 x 8 patch grid"),
     ("finetune.py", ["--lora_dropout", "1.5"], "--lora_dropout 1.5"),
+    ("finetune.py", ["--llm_layers", "31", "--data_csv", "none.csv"], "--llm_layers 31: smollm2 has 30 layers"),
     ("finetune.py", ["nope.yaml"], "nope.yaml: no such config file"),
     ("finetune.py", ["BAD_YAML"], "line 2: not valid YAML"),
     ("inference.py", ["--batch_sise", "8"], "--batch_sise (did you mean --batch_size?)"),
