@@ -19,7 +19,7 @@ import settings
 from conftest import ROOT
 from test_finetune import run_script, run_tool
 
-SCRIPTS = ["finetune.py", "inference.py", "create_images.py", "llama_shape.py"]
+SCRIPTS = ["finetune.py", "inference.py", "create_images.py", "export.py", "llama_shape.py"]
 TOOLS = ["benchmark", "check", "memory", "gpu_proof", "robustness", "other_renderer", "learning_curve"]
 
 
