@@ -6,6 +6,7 @@
                                 gradient scaler, random states: what --resume needs)
       best                      the name of the checkpoint with the highest validation exact match
       log.jsonl, curves.png, wandb/
+      run.lock                  held (flock) by the run training into this folder, while it lives
 
 The model's own files are written and read by model.DiagramReader's save/load pair;
 this module adds what a run keeps beside them, and is the one place that lists,
@@ -116,7 +117,7 @@ def hold(run_dir: str | Path):
     file open for the run's lifetime."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / ".lock", "a+")
+    lock = open(run_dir / "run.lock", "a+")  # the file stays; the OS lock ends with its holder
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
