@@ -20,6 +20,9 @@ $(VENV)/.installed: requirements.txt
 	# Llama 3's tokenizer file (2.2 MB) inside Meta's llama-models wheel, for llama_shape.py: the
 	# reference configuration's shape without its weights. --no-deps: only the file is used.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llama-models==0.3.0
+	# gradio for app.py, its dependencies pinned in requirements.txt. --no-deps: every gradio release
+	# caps pillow below 13, and the page works (tests/test_app.py, in a browser) with the pinned 13.0.0.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gradio==6.31.0
 	touch $@
 
 # create_images.py's defaults: 12,000 training images, 80% of them damaged (shifted, turned,

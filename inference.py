@@ -48,16 +48,18 @@ class Arguments:
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
 
-def render_side_by_side(image_path: Path, prediction: str, out_path: Path, size: int = 224):
-    """The input, and beside it the prediction drawn by renderer.py (or why it could not be)."""
+def render_side_by_side(image: Image.Image | Path, prediction: str, size: int = 224) -> Image.Image:
+    """The input (a picture or its file), and beside it the prediction drawn by renderer.py
+    (or why it could not be)."""
     canvas = Image.new("RGB", (2 * size, size), "white")
-    canvas.paste(data.load_image(image_path).resize((size, size)), (0, 0))
+    picture = image if isinstance(image, Image.Image) else data.load_image(image)
+    canvas.paste(picture.convert("RGB").resize((size, size)), (0, 0))
     if (diagram := dsl.parse_or_none(prediction)) is not None:
         canvas.paste(renderer.render(diagram, size), (size, 0))
     else:
         ImageDraw.Draw(canvas).text((size + 8, size // 2), "not a valid diagram", fill="red")
     ImageDraw.Draw(canvas).line([(size, 0), (size, size)], fill="gray")
-    canvas.save(out_path)
+    return canvas
 
 
 def print_coverage(predictions, references, confidences, agreements):
@@ -141,7 +143,7 @@ def main(args: Arguments, image_args: list[str]) -> int:
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):
-            render_side_by_side(path, prediction, Path(args.render) / f"{i:05d}_{path.stem}.png")
+            render_side_by_side(path, prediction).save(Path(args.render) / f"{i:05d}_{path.stem}.png")
     if args.eval:
         references = [row.dsl for row in rows]
         print_coverage(predictions[:len(rows)], references, confidences, agreements)

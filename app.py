@@ -1,0 +1,113 @@
+"""A web page to try a checkpoint: upload a picture or draw a diagram; see its DSL, the prediction
+drawn beside it, the confidence, the agreement, and a flag when the reading is doubtful.
+
+    python app.py --checkpoint checkpoints        # then open http://127.0.0.1:7860
+
+Offline: no analytics, no share link, the page's fonts served by the page itself.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+import data
+import inference
+import settings
+from model import CheckpointError
+from settings import setting
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported, which calls home otherwise
+import gradio as gr  # noqa: E402
+
+
+@dataclass
+class Arguments:
+    checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
+    examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
+    doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence (or agreement below 1)")
+    port: int = setting(7860, "the port to serve the page on")
+    host: str = setting("127.0.0.1", "the address to serve on (0.0.0.0: every network interface)")
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
+    dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """A picture, or a sketch (transparent where nothing is drawn), as RGB on white."""
+    return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+
+
+def drawing(value: dict | None) -> Image.Image | None:
+    """The sketchpad's picture, or None while nothing is drawn on it."""
+    picture = value and value.get("composite")
+    return picture if picture is not None and ImageOps.invert(on_white(picture).convert("L")).getbbox() else None
+
+
+def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tuple:
+    """(DSL, input beside prediction, confidence, agreement, verdict); a picture that cannot be
+    read (a file that is none, one under 16 px) has its reason as the verdict, in one line."""
+    if picture is None:
+        return "", None, None, None, "Upload a picture or draw a diagram."
+    if isinstance(picture, str) and (problem := data.image_problem(Path(picture))):
+        return "", None, None, None, f"**Cannot read this file**: {problem}."
+    picture = on_white(data.load_image(picture) if isinstance(picture, str) else picture)
+    if min(picture.size) < data.MIN_SIDE:
+        return "", None, None, None, f"**Cannot read this picture**: {picture.width} x {picture.height} pixels, " \
+                                     f"under {data.MIN_SIDE} on a side."
+    reading = reader.read_images([picture])[0]
+    confidence, agreement = float(reading.confidence), float(reading.agreement)
+    doubts = [f"confidence {confidence:.3f} is below {doubtful_below}"] if confidence < doubtful_below else []
+    doubts += [f"agreement {agreement:.2f}: the ink is not where the prediction draws"] if agreement < 1 else []
+    verdict = f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**, and the ink agrees."
+    return (reading.dsl.rstrip(), inference.render_side_by_side(picture, reading.dsl), round(confidence, 3),
+            round(agreement, 2), verdict)
+
+
+def page(reader, args: Arguments, examples: list[str]) -> gr.Blocks:
+    with gr.Blocks(title="Diagrams to DSL", analytics_enabled=False) as demo:
+        gr.Markdown("## Diagrams to DSL\nUpload a picture of a diagram, or draw one, and the model reads it.")
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Upload"):
+                    upload = gr.Image(type="filepath", sources=["upload", "clipboard"], label="picture",
+                                      elem_id="upload")
+                    if examples:
+                        gr.Examples(examples, upload, label=f"{Path(args.examples_csv).name}'s pictures")
+                with gr.Tab("Draw"):
+                    sketch = gr.Sketchpad(type="pil", label="diagram", canvas_size=(448, 448),
+                                          brush=gr.Brush(colors=["#202020"], color_mode="fixed", default_size=4))
+                    button = gr.Button("Read the drawing")
+            with gr.Column():
+                verdict = gr.Markdown(elem_id="verdict")
+                text = gr.Textbox(label="DSL", lines=6, elem_id="dsl")
+                with gr.Row():
+                    confidence = gr.Number(label="confidence", elem_id="confidence")
+                    agreement = gr.Number(label="agreement", elem_id="agreement")
+                beside = gr.Image(label="the input, and the prediction drawn", elem_id="beside")
+        outputs = [text, beside, confidence, agreement, verdict]
+        # The uploaded file as it came (preprocess=False): read() names what is wrong with one that is no picture.
+        upload.change(lambda file: read(reader, args.doubtful_below, file and file["path"]), upload, outputs,
+                      preprocess=False)
+        button.click(lambda drawn: read(reader, args.doubtful_below, drawing(drawn)), sketch, outputs)
+    return demo
+
+
+def main(args: Arguments) -> None:
+    path = Path(args.checkpoint)  # a run's `best` pointer: its run folder finds the same checkpoint
+    folder = str(path.parent) if path.name == "best" and path.is_file() else args.checkpoint
+    csv = Path(args.examples_csv)
+    examples = [str(row.image_path) for row in data.read_dataset(csv, True)[0][:8]] if csv.is_file() else []
+    reader = inference.load(inference.Arguments(checkpoint=folder, device=args.device, dtype=args.dtype))
+    page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
+                                        allowed_paths=[str(csv.resolve().parent)] if examples else [], footer_links=[])
+
+
+if __name__ == "__main__":
+    arguments, = settings.parse(sys.argv[1:], Arguments, program="app.py")
+    try:
+        main(arguments)
+    except (data.DataError, CheckpointError, ValueError, OSError) as error:  # OSError: the port is taken
+        print(f"app.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
