@@ -89,7 +89,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints", "projector_warmup_epochs"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
         for name in ("lr", "projector_lr", "projector_warmup_lr"):
-            check(0 < getattr(self, name) <= 1, name, getattr(self, name), "a learning rate above 0 (1e-3 is usual)")
+            check(0 < getattr(self, name) < math.inf, name, getattr(self, name), "a learning rate above 0 (1e-3 is usual)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a fraction from 0 to 1")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a norm, or 0 for no clipping")

@@ -124,9 +124,9 @@ class ModelConfig:
             return  # an architecture described otherwise (timm): the encoder checks itself when built
         check(side % patch == 0, "image_size", self.image_size,
               f"a multiple of {self.clip_model}'s patch size, {patch} px")
+        hint = " (ViT-B-32: 256 px makes it 8 x 8)" if self.clip_model == "ViT-B-32" else ""
         check((side // patch) % self.patch_merge == 0, "patch_merge", self.patch_merge,
-              f"must divide the {side // patch} x {side // patch} patch grid of {side} px images "
-              f"({self.clip_model}: 256 px makes it 8 x 8)")
+              f"does not divide the {side // patch} x {side // patch} patch grid of {side} px images{hint}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":

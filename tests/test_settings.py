@@ -35,7 +35,7 @@ BAD = [  # (script, arguments, what the one line must say)
     ("finetune.py", ["--lr", "-1"], "--lr -1.0: a learning rate above 0"),
     ("finetune.py", ["--batch_size", "0"], "--batch_size 0: at least 1"),
     ("finetune.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
-    ("finetune.py", ["--patch_merge", "3"], "--patch_merge 3: must divide the 8 x 8 patch grid"),
+    ("finetune.py", ["--patch_merge", "3"], "--patch_merge 3: does not divide the 8 x 8 patch grid"),
     ("finetune.py", ["--lora_dropout", "1.5"], "--lora_dropout 1.5"),
     ("finetune.py", ["--llm_layers", "31", "--data_csv", "none.csv"], "--llm_layers 31: smollm2 has 30 layers"),
     ("finetune.py", ["nope.yaml"], "nope.yaml: no such config file"),
