@@ -1,12 +1,15 @@
 """export.py: a standalone folder that transformers loads and read.py reads without this repo's code."""
 
+import csv
 import json
 import os
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import data
 import dsl
+from model import DiagramReader
 from test_finetune import run_script, tiny_args
 
 
@@ -83,3 +86,18 @@ def test_push_to_hub_offline_is_one_line(exported, tmp_path):
     assert result.returncode == 1 and (tmp_path / "out" / "read.py").is_file()
     lines = [line for line in result.stderr.splitlines() if "could not upload" in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr
+
+
+def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_dataset):
+    """The README's three lines: from_pretrained on the run's best pointer, then read_images."""
+    run_dir, _ = exported
+    predictions = run_dir / "predictions.csv"
+    result = run_script("inference.py", "--checkpoint", str(run_dir), "--dtype", "float32", "--csv",
+                        str(tiny_dataset / "test.csv"), "--out", str(predictions))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(predictions, newline="") as f:
+        expected = [(row["dsl"], row["confidence"], row["agreement"]) for row in csv.DictReader(f)]
+    reader = DiagramReader.from_pretrained(run_dir / "best", merge=True)
+    readings = reader.read_images([row.image_path for row in data.read_dataset(tiny_dataset / "test.csv")[0]],
+                                  batch_size=64)  # inference.py's batch: the same padding, the same numbers
+    assert [(r.dsl, f"{r.confidence:.4f}", f"{r.agreement:.2f}") for r in readings] == expected
