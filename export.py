@@ -62,7 +62,8 @@ def export(checkpoint_folder: Path, out: Path, args: Arguments) -> dict:
     reader.tokenizer.save_pretrained(out / "llm")
 
     vision = reader.vision
-    deeper = tuple(f"transformer.resblocks.{i}." for i in range(vision.layer + 1, len(vision.visual.transformer.resblocks)))
+    blocks = len(vision.visual.transformer.resblocks)
+    deeper = tuple(f"transformer.resblocks.{i}." for i in range(vision.layer + 1, blocks))  # never run
     save_file({k: v.contiguous() for k, v in vision.visual.state_dict().items() if not k.startswith(deeper)},
               out / "vision.safetensors")
     name = Path(reader.config.clip_model).stem

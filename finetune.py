@@ -89,7 +89,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints", "projector_warmup_epochs"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
         for name in ("lr", "projector_lr", "projector_warmup_lr"):
-            check(0 < getattr(self, name) < math.inf, name, getattr(self, name), "a learning rate above 0 (1e-3 is usual)")
+            check(0 < getattr(self, name) < math.inf, name, getattr(self, name),
+                  "a learning rate above 0 (1e-3 is usual)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a fraction from 0 to 1")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a norm, or 0 for no clipping")
@@ -161,7 +162,8 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
             end_of_epoch = step % steps_per_epoch == 0
             scores = None
             # The main process validates and saves; the others wait for it at the next step.
-            if accelerator.is_main_process and ((training.eval_every and step % training.eval_every == 0) or end_of_epoch):
+            validation_due = (training.eval_every and step % training.eval_every == 0) or end_of_epoch
+            if accelerator.is_main_process and validation_due:
                 scores = validate(reader, val_rows, val_features, training, accelerator, log, step, bar,
                                   loss_over_all=end_of_epoch)
             name = (f"epoch-{step // steps_per_epoch:02d}" if end_of_epoch else f"step-{step:07d}"
