@@ -95,11 +95,9 @@ def page(reader, args: Arguments, examples: list[str]) -> gr.Blocks:
 
 
 def main(args: Arguments) -> None:
-    path = Path(args.checkpoint)  # a run's `best` pointer: its run folder finds the same checkpoint
-    folder = str(path.parent) if path.name == "best" and path.is_file() else args.checkpoint
     csv = Path(args.examples_csv)
     examples = [str(row.image_path) for row in data.read_dataset(csv, True)[0][:8]] if csv.is_file() else []
-    reader = inference.load(inference.Arguments(checkpoint=folder, device=args.device, dtype=args.dtype))
+    reader = inference.load(inference.Arguments(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype))
     page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
                                         allowed_paths=[str(csv.resolve().parent)] if examples else [], footer_links=[])
 

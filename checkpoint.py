@@ -92,9 +92,11 @@ def prune(run_dir: Path, keep_step_checkpoints: int):
 
 
 def find(path: str | Path) -> tuple[Path, str]:
-    """(checkpoint folder, which one and why) for a checkpoint folder itself or a run folder:
+    """(checkpoint folder, which one and why) for a checkpoint folder itself, a run folder or its `best` pointer:
     the run's best checkpoint, else its latest epoch, else its latest step checkpoint."""
     path = Path(path)
+    if path.name == "best" and path.is_file():  # the pointer itself: "checkpoints/best"
+        path = path.parent
     if (path / "config.json").is_file():
         return path, "as given"
     if not path.is_dir():

@@ -121,6 +121,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
                              f"{training.batch_size} x {training.gradient_accumulation_steps} accumulation step(s) x "
                              f"{accelerator.num_processes} process(es) and {config.num_shots} shots")
     total_steps = steps_per_epoch * training.epochs
+    images_per_step = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
 
     reader = load_model(config, training, dtype, resume_from)
     train_features, val_features = encode_images(reader, train_rows, val_rows, accelerator)
@@ -153,7 +154,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                       "minutes": (time.time() - start) / 60,
-                      "images_seen": step * len(batches) * training.batch_size * accelerator.num_processes,
+                      "images_seen": step * images_per_step,
                       "train_flops": cost.train_flops,
                       "peak_memory_gib": hardware.peak_memory_gib(accelerator.device)}  # since loading
             log.step(record)
@@ -177,12 +178,11 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
                 return 130
     bar.close()
     log.finish()
-    images_seen = total_steps * training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+    encoded, clip_flops = len(train_rows) + len(val_rows), reader.vision.flops_per_image()
     accelerator.print(f"done in {(time.time() - start) / 60:.1f} minutes; checkpoints in {training.output_dir}\n"
-                      f"cost: {images_seen} images seen by the LLM, {cost.train_flops / 1e12:.1f} TFLOP of training "
-                      f"steps; CLIP encoded {len(train_rows) + len(val_rows)} images at "
-                      f"{reader.vision.flops_per_image() / 1e9:.2f} GFLOP each "
-                      f"({(len(train_rows) + len(val_rows)) * reader.vision.flops_per_image() / 1e12:.1f} TFLOP)")
+                      f"cost: {total_steps * images_per_step} images seen by the LLM, {cost.train_flops / 1e12:.1f} "
+                      f"TFLOP of training steps; CLIP encoded {encoded} images at {clip_flops / 1e9:.2f} GFLOP each "
+                      f"({encoded * clip_flops / 1e12:.1f} TFLOP)")
     return 0
 
 
