@@ -70,8 +70,8 @@ CHECKS = {
     "rotated up to 4 degrees": lambda image, rng: rotate(image, rng.uniform(-4, 4)),
     "shifted up to 8 px": lambda image, rng: shift(image, rng.randint(-8, 8), rng.randint(-8, 8)),
     "512 px": lambda image, rng: rescale(image, 512),
-    # Beyond what training shows: three kinds random_damage below never applies, and three
-    # of its kinds at once at fixed strengths.
+    # Two kinds random_damage below never applies (112 px, faded), one it does (zooming out,
+    # by 0 to 10%), and three of its kinds at once at fixed strengths.
     "112 px": lambda image, rng: rescale(image, 112),
     "faded by 40%": lambda image, rng: fade(image, 0.4),
     "zoomed out to 92%": lambda image, rng: zoom_out(image, 0.92),
@@ -81,8 +81,8 @@ CHECKS = {
 
 
 # How often random_damage applies each kind. Geometry comes most often: photometric damage
-# is read through without training on it (README), shifts are not.
-DAMAGE_ODDS = {"shift": 3 / 4, "rotate": 1 / 3, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
+# is read through without training on it, shifts and zooms are not (docs/LOG.md).
+DAMAGE_ODDS = {"shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
 
 
 def random_damage(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -91,6 +91,8 @@ def random_damage(image: Image.Image, rng: random.Random) -> Image.Image:
     an export would), and at least one."""
     side = image.width
     kinds = [k for k, odds in DAMAGE_ODDS.items() if rng.random() < odds] or [rng.choice(list(DAMAGE_ODDS))]
+    if "zoom" in kinds:  # a picture exported or scanned at a slightly smaller scale
+        image = zoom_out(image, rng.uniform(0.9, 1.0))
     if "shift" in kinds:
         reach = round(0.05 * side)  # 11 px at 224
         image = shift(image, rng.randint(-reach, reach), rng.randint(-reach, reach))
