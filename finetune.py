@@ -61,7 +61,7 @@ class TrainConfig:
     batch_size: int = setting(8, "images per micro-batch and process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step: the effective batch is "
                                                   "batch_size x this x processes")
-    projector_warmup_epochs: int = setting(0, "first, the projector alone learns the quadrant loss on the cached "
+    projector_warmup_epochs: int = setting(10, "first, the projector alone learns the quadrant loss on the cached "
                                               "features for this many epochs (no LLM: cheap), so that the LLM "
                                               "starts from a projector that already sees (LLaVA's first stage)")
     projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, batch 128, cosine)")

@@ -44,6 +44,8 @@ IMAGE_SLOT = -1  # input id of a position that holds an image embedding instead 
 IGNORE = -100  # label of a position without loss
 
 TARGET_FORMATS = ("tags", "tags_position_first", "text")
+PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
+PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
 
 # Every tag is one token, so all four-element diagrams are equally long: the longest.
 FULL_DIAGRAM = dsl.Diagram(tuple(dsl.Element("Large", "Circle", p) for p in dsl.POSITIONS))
@@ -69,8 +71,13 @@ class ModelConfig:
                                  "random weights deeper blocks add cost, not information (probed)")
     image_size: int = setting(256, "CLIP's input side in pixels (0: the architecture's own, 224); 256 makes "
                                    "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
-    patch_merge: int = setting(2, "each k x k block of patch tokens becomes one token: k*k fewer image tokens")
-    projector: str = setting("mlp2x_gelu", "mlp2x_gelu (LLaVA's 2-layer GELU MLP) or linear")
+    patch_merge: int = setting(4, "each k x k block of patch tokens becomes one token: k*k fewer image tokens "
+                                  "(4 at 256 px: one token per quadrant)")
+    projector: str = setting("patch_mlp", "patch_mlp: each of an image token's k x k patches normalised and "
+                                          "mapped to 64 numbers by one linear layer shared by all patches, "
+                                          "then a 2-layer GELU MLP (one map for every patch: it learns shapes "
+                                          "from fewer pictures); mlp2x_gelu (LLaVA's 2-layer GELU MLP on the "
+                                          "whole token); or linear")
     image_positions: bool = setting(False, "the projector adds a learned embedding per image token, so each "
                                            "token says where in the picture it is (z-scoring the features "
                                            "removes the position CLIP gave them)")
@@ -95,7 +102,7 @@ class ModelConfig:
         check(self.llm_layers >= 0, "llm_layers", self.llm_layers, "a number of layers, or 0 for all")
         check(self.image_features in ("patches", "pooled"), "image_features", self.image_features,
               "patches or pooled")
-        check(self.projector in ("mlp2x_gelu", "linear"), "projector", self.projector, "mlp2x_gelu or linear")
+        check(self.projector in PROJECTORS, "projector", self.projector, ", ".join(PROJECTORS))
         check(self.target_format in TARGET_FORMATS, "target_format", self.target_format, ", ".join(TARGET_FORMATS))
         check(self.image_size >= 0, "image_size", self.image_size, "a side in pixels, or 0 for the encoder's own")
         check(self.patch_merge >= 1, "patch_merge", self.patch_merge, "at least 1 (1: no merging)")
@@ -156,6 +163,7 @@ class VisionEncoder(nn.Module):
         blocks = len(self.visual.transformer.resblocks)
         self.layer = config.clip_layer % blocks
         self.merge = config.patch_merge
+        self.patches_per_token = self.merge ** 2 if self.features == "patches" else 1
         self.grid = self.visual.grid_size[0]
         if self.features == "patches" and self.grid % self.merge:
             raise ValueError(f"patch_merge {self.merge} does not divide the {self.grid} x {self.grid} patch grid; "
@@ -230,26 +238,35 @@ class Projector(nn.Module):
     """CLIP features [B, T, D] -> LLM input embeddings [B, T, hidden].
 
     First z-scores each position and channel with statistics of the training
-    images (buffers, saved with the weights), then a LayerNorm: features of a
-    frozen encoder vary little across images against their overall scale (a
-    random ViT's pooled vector is ~95% constant), and fed raw the LLM learns the
-    output format and ignores the image. With quadrant_head, it also carries the
+    images (buffers, saved with the weights), then a LayerNorm per CLIP patch:
+    features of a frozen encoder vary little across images against their overall
+    scale (a random ViT's pooled vector is ~95% constant), and fed raw the LLM
+    learns the output format and ignores the image. patch_mlp then maps every
+    patch with one shared linear layer before the MLP mixes a token's patches: a
+    shape looks the same in whichever patch it falls, so what one patch learns
+    serves all (measured: docs/LOG.md). With quadrant_head, it also carries the
     linear head of the quadrant loss (quadrant_logits), which only training uses.
     """
 
     def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int, quadrant_head: bool = False,
-                 positions: bool = False):
+                 positions: bool = False, patches_per_token: int = 1):
         super().__init__()
         tokens, width = feature_shape
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
         self.register_buffer("feature_std", torch.ones(tokens, width))
-        self.norm = nn.LayerNorm(width)
-        if kind == "mlp2x_gelu":
+        self.patches = patches_per_token if kind == "patch_mlp" else 1
+        self.norm = nn.LayerNorm(width // self.patches)  # per patch
+        self.patch = None  # patch_mlp's shared map
+        if kind == "patch_mlp":
+            self.patch = nn.Linear(width // self.patches, PATCH_CODE)
+            self.mlp = nn.Sequential(nn.GELU(), nn.Linear(self.patches * PATCH_CODE, hidden_size), nn.GELU(),
+                                     nn.Linear(hidden_size, hidden_size))
+        elif kind == "mlp2x_gelu":
             self.mlp = nn.Sequential(nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
         elif kind == "linear":
             self.mlp = nn.Linear(width, hidden_size)
         else:
-            raise ValueError(f"projector must be 'mlp2x_gelu' or 'linear', not {kind!r}")
+            raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, not {kind!r}")
         side = math.isqrt(tokens)
         if quadrant_head and (side * side != tokens or side < 2):
             raise ValueError(f"quadrant_loss needs the image tokens to form a square grid of at least 2 x 2, not "
@@ -266,7 +283,11 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.feature_mean.dtype)
-        tokens = self.mlp(self.norm((features - self.feature_mean) / self.feature_std))
+        scored = (features - self.feature_mean) / self.feature_std
+        patches = self.norm(scored.unflatten(-1, (self.patches, -1)))  # [B, T, k*k, D / (k*k)]
+        if self.patch is not None:
+            patches = self.patch(patches)
+        tokens = self.mlp(patches.flatten(-2))
         return tokens if self.positions is None else tokens + self.positions
 
     def quadrant_logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -319,7 +340,8 @@ class DiagramReader(nn.Module):
         llm = language_model.with_lora(llm, tokenizer, config.lora_r, config.lora_alpha, config.lora_dropout,
                                        config.lora_target_modules, load_in_4bit)
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              quadrant_head=config.quadrant_loss > 0, positions=config.image_positions)
+                              quadrant_head=config.quadrant_loss > 0, positions=config.image_positions,
+                              patches_per_token=vision.patches_per_token)
         return cls(config, vision, projector, llm, tokenizer, base)
 
     # -- checkpoints: the save/load pair
@@ -373,7 +395,7 @@ class DiagramReader(nn.Module):
         # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
                               quadrant_head=config.quadrant_loss > 0 and "quadrant_head.weight" in weights,
-                              positions="positions" in weights)
+                              positions="positions" in weights, patches_per_token=vision.patches_per_token)
         projector.load_state_dict(weights)
         examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
                      (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
