@@ -25,9 +25,10 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gradio==6.31.0
 	touch $@
 
-# create_images.py's defaults: 12,000 training images, 80% of them damaged (shifted, turned,
-# blurred, ...), 200 clean test images. One pass over many varied images teaches more than
-# epochs over few, and damaged ones teach reading real pictures (README: measured).
+# create_images.py's defaults: 4,444 pictures (4,000 to train on, 444 to validate), 80% of them
+# damaged (shifted, zoomed out, turned, blurred, ...), 200 clean test pictures. One pass over
+# varied pictures teaches more than epochs over few, and damaged ones teach reading real
+# pictures (docs/LOG.md: measured).
 demo: install
 	$(BIN)/python create_images.py
 	$(BIN)/python finetune.py --resume auto   # a second `make demo` continues, not overwrites

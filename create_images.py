@@ -1,6 +1,6 @@
 """Generate the dataset: random diagrams, their images and DSL (docs/SPEC.md's data files).
 
-    python create_images.py [--num_samples 12000] [--num_test 200] [--damage 0.8] [--out_dir .] [--seed 0]
+    python create_images.py [--num_samples 4444] [--num_test 200] [--damage 0.8] [--out_dir .] [--seed 0]
 
 writes `images/`, `data.csv` (the training pool) and `test.csv` (held out) under
 --out_dir. Test diagrams are all different and none of them appears in
@@ -31,15 +31,16 @@ from settings import setting
 
 @dataclass
 class Arguments:
-    num_samples: int = setting(12000, "training images (data.csv)")
+    num_samples: int = setting(4444, "training pool images (data.csv): finetune.py holds 10% out for validation, "
+                                     "so 4,444 are 4,000 training pictures, 500 steps of 8")
     num_test: int = setting(200, "held-out images of unseen diagrams (test.csv)")
     out_dir: str = setting(".", "where images/, data.csv and test.csv go")
     seed: int = setting(0, "the same seed and settings give the same files, byte for byte")
     augment: bool = setting(True, "sample styles from the rendering envelope (docs/SPEC.md)")
     size: int = setting(224, "image side in pixels")
     damage: float = setting(0.8, "share of the training images that also get ordinary damage (damage.py: shift, "
-                                 "rotation, blur, noise, JPEG), so that the model reads real pictures; test.csv "
-                                 "stays clean")
+                                 "zoom-out, rotation, blur, noise, JPEG), so that the model reads real pictures; "
+                                 "test.csv stays clean")
 
     def __post_init__(self):
         if problem := check(self):

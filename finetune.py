@@ -73,7 +73,7 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = setting(0, "seeds the split, the data order and the initial weights")
     eval_every: int = setting(200, "steps between validations (also at every epoch end); 0: epoch ends only")
-    eval_samples: int = setting(64, "validation images read at those runs (the loss is over all at epoch ends)")
+    eval_samples: int = setting(256, "validation images read at those runs (the loss is over all at epoch ends)")
     save_every: int = setting(200, "steps between step checkpoints; 0: epoch checkpoints only")
     keep_step_checkpoints: int = setting(2, "step checkpoints kept (the latest ones, and the best)")
     resume: str = setting("", "auto (output_dir's latest checkpoint, if any), a run folder or a checkpoint")

@@ -37,16 +37,20 @@ def image_tokens(picture: Image.Image, config, visual, preprocess, projector) ->
     b, n, width = tokens.shape
     g, k = int(n ** 0.5), config["patch_merge"]
     x = tokens.view(b, g // k, k, g // k, k, width).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * width)[0]
+    return project(x, projector)
+
+
+def project(x: torch.Tensor, projector) -> torch.Tensor:
+    """The projector: merged patch features [T, D] -> LLM input embeddings [T, hidden]."""
     x = ((x - projector["feature_mean"]) / projector["feature_std"]).unflatten(-1, (-1, projector["norm.weight"].shape[0]))
     x = F.layer_norm(x, x.shape[-1:], projector["norm.weight"], projector["norm.bias"])  # per CLIP patch
     if "patch.weight" in projector:  # patch_mlp: one map for every patch, then two layers with GELUs
         x = F.gelu(F.linear(x, projector["patch.weight"], projector["patch.bias"]).flatten(-2))
         x = F.linear(F.gelu(F.linear(x, projector["mlp.1.weight"], projector["mlp.1.bias"])), projector["mlp.3.weight"], projector["mlp.3.bias"])
-    elif "mlp.weight" in projector:  # a linear projector, else LLaVA's two layers with a GELU between
+    elif "mlp.weight" in projector:  # linear
         x = F.linear(x.flatten(-2), projector["mlp.weight"], projector["mlp.bias"])
-    else:
-        x = x.flatten(-2)
-        x = F.linear(F.gelu(F.linear(x, projector["mlp.0.weight"], projector["mlp.0.bias"])), projector["mlp.2.weight"], projector["mlp.2.bias"])
+    else:  # mlp2x_gelu: LLaVA's two layers with a GELU between
+        x = F.linear(F.gelu(F.linear(x.flatten(-2), projector["mlp.0.weight"], projector["mlp.0.bias"])), projector["mlp.2.weight"], projector["mlp.2.bias"])
     return x + projector["positions"] if "positions" in projector else x
 
 

@@ -5,10 +5,13 @@ import json
 import os
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import dsl
+import model
+import read_exported
 from model import DiagramReader
 from test_finetune import run_script, tiny_args
 
@@ -101,3 +104,17 @@ def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_datas
     readings = reader.read_images([row.image_path for row in data.read_dataset(tiny_dataset / "test.csv")[0]],
                                   batch_size=64)  # inference.py's batch: the same padding, the same numbers
     assert [(r.dsl, f"{r.confidence:.4f}", f"{r.agreement:.2f}") for r in readings] == expected
+
+
+@pytest.mark.parametrize("kind", model.PROJECTORS)
+def test_read_py_projects_as_the_projector_does(kind):
+    """read.py's own projector arithmetic against model.Projector, for every kind."""
+    torch.manual_seed(0)
+    projector = model.Projector(kind, (4, 4 * 32), 24, quadrant_head=True, positions=True, patches_per_token=4)
+    for parameter in projector.parameters():
+        torch.nn.init.normal_(parameter)  # positions and the norm start at 0 and 1: make them count
+    projector.set_feature_statistics(torch.randn(16, 4, 4 * 32))
+    features = torch.randn(4, 4 * 32)
+    weights = {k: v for k, v in projector.state_dict().items() if not k.startswith("quadrant_head")}
+    with torch.no_grad():
+        assert torch.allclose(read_exported.project(features, weights), projector(features[None])[0], atol=1e-5)

@@ -46,6 +46,17 @@ def test_patch_merge_concatenates_neighbouring_patches(tiny_llm, tiny_clip):
         model.VisionEncoder(tiny_config(tiny_llm, tiny_clip, patch_merge=3))
 
 
+def test_patch_mlp_maps_every_patch_of_a_token_alike():
+    """One shared map: a patch's code depends on its features, not on where it sits in the token."""
+    torch.manual_seed(0)
+    projector = model.Projector("patch_mlp", (4, 4 * 32), 24, patches_per_token=4)
+    features = torch.randn(1, 4, 4, 32)
+    features[0, 2, 3] = features[0, 1, 0]  # one patch's features, at another token and place
+    codes = projector.patch(projector.norm(features))
+    assert torch.equal(codes[0, 2, 3], codes[0, 1, 0])
+    assert projector.patch.in_features == 32 and projector(features.flatten(2)).shape == (1, 4, 24)
+
+
 def test_new_tokens_are_single_tokens(reader):
     for token in language_model.NEW_TOKENS:
         assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1
