@@ -293,6 +293,23 @@ def test_robustness_damages_each_way_and_scores_each(trained_run, tiny_dataset, 
             assert damaged.shape != clean.shape or not np.array_equal(damaged, clean), kind
 
 
+def test_vision_probe_scores_every_set_and_its_head_learns(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    import damage
+
+    def probe(epochs):
+        result = run_tool("vision_probe", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path),
+                          "--test_csv", str(tiny_dataset / "test.csv"), "--projector_warmup_epochs", str(epochs),
+                          "--projector_warmup_lr", "1e-2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    untrained, trained = probe(0), probe(100)
+    assert list(trained) == ["training", "validation"] + [f"test: {kind}" for kind in damage.CHECKS]
+    assert trained["test: clean"]["n"] == 6 and all(0 <= s["pictures"] <= s["quadrants"] <= 1 for s in trained.values())
+    # The warm-up stage teaches the head: the training pictures' quadrants, learned by heart.
+    assert trained["training"]["quadrants"] > max(0.9, untrained["training"]["quadrants"])
+
+
 def test_gradient_accumulation_follows_the_big_batch_trajectory(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
     """Batch 4 x 2 accumulation steps and batch 8 see the same images per optimizer step and,
     each micro-batch weighted by its share of the target tokens, the same gradient: the same

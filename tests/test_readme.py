@@ -151,6 +151,10 @@ def parse(script: str, argv: list[str], monkeypatch):
         import finetune
         from tools import benchmark
         return finetune.parse_configs(argv, benchmark.BenchmarkConfig)
+    if script == "tools.vision_probe":
+        import finetune
+        from tools import vision_probe
+        return finetune.parse_configs(argv, vision_probe.Arguments)
     if script == "inference.py":
         import inference
         classes, positional = (inference.Arguments,), ("image_paths", {"nargs": "*"})

@@ -6,5 +6,6 @@
     python -m tools.robustness       a checkpoint's scores on each kind of damaged picture
     python -m tools.other_renderer   pictures from a second, independent renderer
     python -m tools.learning_curve   validation scores against images seen, from runs' log.jsonl
+    python -m tools.vision_probe     what the image tokens say, read by the quadrant head alone (no LLM)
     python -m tools.gpu_proof        the reference configuration's path on a CUDA GPU
 """
