@@ -238,14 +238,15 @@ class Projector(nn.Module):
     """CLIP features [B, T, D] -> LLM input embeddings [B, T, hidden].
 
     First z-scores each position and channel with statistics of the training
-    images (buffers, saved with the weights), then a LayerNorm per CLIP patch:
-    features of a frozen encoder vary little across images against their overall
-    scale (a random ViT's pooled vector is ~95% constant), and fed raw the LLM
-    learns the output format and ignores the image. patch_mlp then maps every
-    patch with one shared linear layer before the MLP mixes a token's patches: a
-    shape looks the same in whichever patch it falls, so what one patch learns
-    serves all (measured: docs/LOG.md). With quadrant_head, it also carries the
-    linear head of the quadrant loss (quadrant_logits), which only training uses.
+    images (buffers, saved with the weights), then a LayerNorm (per CLIP patch for
+    patch_mlp, over the whole token otherwise): features of a frozen encoder vary
+    little across images against their overall scale (a random ViT's pooled vector
+    is ~95% constant), and fed raw the LLM learns the output format and ignores
+    the image. patch_mlp then maps every patch with one shared linear layer
+    before the MLP mixes a token's patches: a shape looks the same in whichever
+    patch it falls, so what one patch learns serves all (measured: docs/LOG.md).
+    With quadrant_head, it also carries the linear head of the quadrant loss
+    (quadrant_logits), which only training uses.
     """
 
     def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int, quadrant_head: bool = False,
