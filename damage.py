@@ -80,6 +80,11 @@ CHECKS = {
 }
 
 
+def check(kind: str, image: Image.Image, seed: int, index: int) -> Image.Image:
+    """The damage of CHECKS[kind] to the index-th picture of a set: the same every time."""
+    return CHECKS[kind](image, random.Random(f"{seed}:{kind}:{index}"))
+
+
 # How often random_damage applies each kind. Geometry comes most often: photometric damage
 # is read through without training on it, shifts and zooms are not (docs/LOG.md).
 DAMAGE_ODDS = {"shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}

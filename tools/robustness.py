@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ def write_damaged(rows: list[data.Row], kind: str, out_dir: Path, seed: int) -> 
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(data.COLUMNS)
         for i, row in enumerate(rows):
-            damaged = damage.CHECKS[kind](data.load_image(row.image_path), random.Random(f"{seed}:{kind}:{i}"))
+            damaged = damage.check(kind, data.load_image(row.image_path), seed, i)
             paths.append(folder / "images" / f"{i:05d}.png")
             damaged.save(paths[-1])
             writer.writerow([f"images/{i:05d}.png", row.dsl])

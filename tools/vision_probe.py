@@ -15,7 +15,6 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -65,8 +64,8 @@ def main(config, training, args: Arguments) -> dict:
     results = {"training": score(reader.projector, train_features, train_rows),
                "validation": score(reader.projector, val_features, val_rows)}
     pictures = [data.load_image(row.image_path) for row in test_rows]
-    for kind, harm in damage.CHECKS.items():  # the same damage as tools/robustness.py's
-        damaged = [harm(picture, random.Random(f"{training.seed}:{kind}:{i}")) for i, picture in enumerate(pictures)]
+    for kind in damage.CHECKS:  # the same damage as tools/robustness.py's
+        damaged = [damage.check(kind, picture, training.seed, i) for i, picture in enumerate(pictures)]
         results[f"test: {kind}"] = score(reader.projector, reader.vision.encode(damaged), test_rows)
     for name, result in results.items():
         print(f"{name:34} n {result['n']:5}  quadrants {result['quadrants']:.4f}  pictures {result['pictures']:.3f}  "
