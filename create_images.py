@@ -14,6 +14,8 @@ The same arguments always give the same files, byte for byte.
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import os
 import random
 import sys
 from collections import Counter
@@ -68,18 +70,27 @@ def sample_test_diagrams(num_test: int, seed: int) -> list[dsl.Diagram]:
 
 def write_split(rows, csv_path: Path, args: Arguments, damage_share: float = 0.0):
     """rows: (image file name, diagram, rng); the rng draws the image's style and jitter,
-    and whether (and how) the picture is damaged."""
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    and whether (and how) the picture is damaged. Pictures are drawn by a process per
+    core (each from its own rng: the files are the same whatever the number)."""
+    jobs = [(csv_path.parent, name, diagram, rng, args.augment, args.size, damage_share)
+            for name, diagram, rng in rows]
+    with multiprocessing.Pool(min(os.cpu_count() or 1, 8)) as pool, \
+            open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_path", "dsl"])
-        for name, diagram, rng in tqdm(rows, desc=csv_path.name, unit="img"):
-            style = renderer.random_style(rng) if args.augment else renderer.NOMINAL
-            relative = f"images/{name}"
-            image = renderer.render(diagram, args.size, style, rng)
-            if rng.random() < damage_share:
-                image = damage.random_damage(image, rng)
-            image.save(csv_path.parent / relative)
-            writer.writerow([relative, dsl.to_text(diagram)])
+        for row in tqdm(pool.imap(draw, jobs, chunksize=16), total=len(jobs), desc=csv_path.name, unit="img"):
+            writer.writerow(row)
+
+
+def draw(job) -> list[str]:
+    """Render one picture, damage it at the odds given, save it; its CSV row."""
+    out_dir, name, diagram, rng, augment, size, damage_share = job
+    style = renderer.random_style(rng) if augment else renderer.NOMINAL
+    image = renderer.render(diagram, size, style, rng)
+    if rng.random() < damage_share:
+        image = damage.random_damage(image, rng)
+    image.save(out_dir / "images" / name)
+    return [f"images/{name}", dsl.to_text(diagram)]
 
 
 def check(args: Arguments) -> str | None:
