@@ -273,6 +273,7 @@ def test_benchmark_prints_the_step_share_of_peak_and_generation_speeds(tiny_llm,
     assert numbers["train_step_gflop"] > 0 and 0 < numbers["train_step_share_of_peak"] < 1.5
     assert numbers["generate_images_per_second_batch1"] > 0 and numbers["generate_batch32_over_batch1"] > 0
     assert numbers["tokens_per_step"] > 4 * 16
+    assert 0 < numbers["validation_forward_over_train_step"] < 1.5
 
 
 def test_robustness_damages_each_way_and_scores_each(trained_run, tiny_dataset, tmp_path):

@@ -6,8 +6,9 @@
 
 Prints this machine's matmul peak in the dtype in use (a large square matmul), the
 training step's FLOPs (counted by torch's FlopCounterMode over one real step), the
-achieved FLOP/s and its share of that peak, tokens per step, and generation speed at
-batch 1 and batch 32 on the same images. Uses random image features of the right shape
+achieved FLOP/s and its share of that peak, tokens per step, a validation forward pass
+(no gradients) against the step, and generation speed at batch 1 and batch 32 on the same
+images. Uses random image features of the right shape
 (the CLIP encoder is frozen and its features are cached during training, so it is not
 part of a step) and real DSL targets; the LLM, projector and LoRA are the real ones, and
 the step is finetune.train_step itself. The last line is one JSON object.
@@ -67,6 +68,17 @@ def main(argv: list[str]) -> dict:
     seconds = sorted(step() for _ in range(bench.steps))
     step_seconds = seconds[len(seconds) // 2]  # the median: robust to a hiccup of the machine
 
+    # Validation's loss is a forward pass without gradients: it should cost about a third of
+    # a step (a slow path under no_grad once made it cost more than a whole step).
+    batch.pop("quadrants", None)
+    with torch.no_grad(), accelerator.autocast():
+        reader(**batch)
+        started = time.perf_counter()
+        for _ in range(3):
+            reader(**batch)
+        hardware.synchronize(device)
+        validation_forward = (time.perf_counter() - started) / 3
+
     side = 8192 if device.type == "cuda" else 2048  # large enough to reach the machine's peak
     peak = hardware.matmul_gflops(dtype, side, side, side, device, seconds=0.5)
     hidden, intermediate = reader.llm.config.hidden_size, reader.llm.config.intermediate_size
@@ -92,6 +104,8 @@ def main(argv: list[str]) -> dict:
         "matmul_peak_gflops_per_s": round(peak, 1), "mlp_matmul_gflops_per_s": round(mlp, 1),
         "train_step_share_of_peak": round(achieved / peak, 3),
         "train_tokens_per_second": round(tokens / step_seconds, 1),
+        "validation_forward_seconds": round(validation_forward, 3),
+        "validation_forward_over_train_step": round(validation_forward / step_seconds, 3),
         "generate_images_per_second_batch1": round(batch1, 2),
         "generate_images_per_second_batch32": round(batch32, 2),
         "generate_batch32_over_batch1": round(batch32 / batch1, 2),
