@@ -1,7 +1,7 @@
 """A training run's folder: checkpoints written whole or not at all, found again, resumed.
 
     output_dir/
-      epoch-01/, step-0000200/  the model (DiagramReader.save_pretrained), state.json (step, validation
+      epoch-01/, step-0000250/  the model (DiagramReader.save_pretrained), state.json (step, validation
                                 scores, training settings) and training_state.pt (optimizer, scheduler,
                                 gradient scaler, random states: what --resume needs)
       best                      the name of the checkpoint with the highest validation exact match
