@@ -467,15 +467,14 @@ class DiagramReader(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
         # Targets sit at the end of every row (left padding), so logits are needed only there:
         # computing them over the whole prompt would cost a vocabulary-sized matmul per position.
-        # The positions go as a tensor, not a count: the LLM then gathers its hidden states into
-        # a contiguous block, where a slice of the last ones under no_grad sends the vocabulary
-        # matmul down a path that copies the embedding matrix once per row (measured: a
-        # validation forward 2.7x slower than a training one's forward).
+        # The positions go as a tensor, not a count: the LLM gathers them into one block, where
+        # a slice of them sent the matmul, under no_grad, down a path that copies the embedding
+        # matrix once per row (a validation forward cost 2.7 training forwards; docs/LOG.md).
         first_label = int((labels != IGNORE).int().argmax(dim=1).min())
-        keep = labels.shape[1] - first_label + 1
+        positions = torch.arange(first_label - 1, labels.shape[1], device=labels.device)
         logits = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids,
-                          logits_to_keep=torch.arange(first_label - 1, labels.shape[1], device=labels.device)).logits
-        targets = labels[:, -(keep - 1):].flatten()
+                          logits_to_keep=positions).logits
+        targets = labels[:, first_label:].flatten()
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
         if quadrants is not None:
             seen = self.projector.quadrant_logits(projected[:, -1]).float()
