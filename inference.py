@@ -28,7 +28,7 @@ import hardware
 import language_model
 import renderer
 import settings
-from model import CheckpointError, DiagramReader, read_json
+from model import READ_BATCH, CheckpointError, DiagramReader, read_json
 from settings import setting
 
 
@@ -43,8 +43,7 @@ class Arguments:
     skip_bad_rows: bool = setting(False, "read the good rows of a CSV with bad ones")
     constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
     flag_below: float = setting(0.0, "list the doubtful images: confidence below this, or ink that disagrees")
-    batch_size: int = setting(128, "images decoded together (on a CPU, 256 pictures take 9 s at 128, 12 at 64, "
-                                      "17 at 32: the short rows leave a small batch little to do)")
+    batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 

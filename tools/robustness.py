@@ -22,7 +22,7 @@ import data
 import dsl
 import inference
 import settings
-from model import CheckpointError
+from model import READ_BATCH, CheckpointError
 from settings import setting
 
 
@@ -33,7 +33,7 @@ class Arguments:
     num: int = setting(200, "how many of its images (the first ones)")
     out_dir: str = setting("damaged", "where the damaged images and their CSVs go")
     seed: int = setting(0, "seeds the random parts of the damage")
-    batch_size: int = setting(128, "images decoded together")
+    batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
