@@ -8,10 +8,10 @@ Prints this machine's matmul peak in the dtype in use (a large square matmul), t
 training step's FLOPs (counted by torch's FlopCounterMode over one real step), the
 achieved FLOP/s and its share of that peak, tokens per step, a validation forward pass
 (no gradients) against the step, and generation speed at batch 1 and batch 32 on the same
-images. Uses random image features of the right shape
-(the CLIP encoder is frozen and its features are cached during training, so it is not
-part of a step) and real DSL targets; the LLM, projector and LoRA are the real ones, and
-the step is finetune.train_step itself. The last line is one JSON object.
+images. Uses random image features of the right shape (the CLIP encoder is frozen and its
+features are cached during training, so it is not part of a step) and real DSL targets;
+the LLM, projector and LoRA are the real ones, and the step is finetune.train_step itself.
+The last line is one JSON object.
 """
 
 from __future__ import annotations
