@@ -28,6 +28,9 @@ TEMPORARY, OLD = ".tmp-", ".old-"  # prefixes of the names a write uses beside i
 class DiskFull(OSError):
     """No space left on the device; the message names what was being written."""
 
+    def __str__(self):
+        return self.strerror  # one line for the user, without "[Errno 28]"
+
 
 def is_disk_full(error: BaseException) -> bool:
     # Libraries written in Rust or C (safetensors, PIL) report ENOSPC in their message only.

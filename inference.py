@@ -24,6 +24,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dsl
+import files
 import hardware
 import language_model
 import renderer
@@ -134,7 +135,7 @@ def main(args: Arguments, image_args: list[str]) -> int:
             print(f"  {path}: confidence {confidence:.3f}, agreement {agrees:.2f}", file=sys.stderr)
 
     if args.out:
-        with open(args.out, "w", newline="", encoding="utf-8") as f:
+        with files.replacing(args.out) as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["image_path", "dsl", "valid", "confidence", "agreement"])
             for path, reading in zip(paths, readings):
@@ -143,7 +144,8 @@ def main(args: Arguments, image_args: list[str]) -> int:
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):
-            render_side_by_side(path, prediction).save(Path(args.render) / f"{i:05d}_{path.stem}.png")
+            with files.replacing(Path(args.render) / f"{i:05d}_{path.stem}.png") as temporary:
+                render_side_by_side(path, prediction).save(temporary)
     if args.eval:
         references = [row.dsl for row in rows]
         print_coverage(predictions[:len(rows)], references, confidences, agreements)
@@ -157,6 +159,9 @@ if __name__ == "__main__":
                                                                   "help": "image files to read"}))
     try:
         sys.exit(main(arguments, extra.image_paths))
+    except files.DiskFull as error:
+        print(f"inference.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
     except (data.DataError, CheckpointError, ValueError) as error:
         print(f"inference.py: error: {error}", file=sys.stderr)
         sys.exit(2)

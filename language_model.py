@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import dsl
+import files
 import hardware
 import llama_shape
 
@@ -71,6 +72,7 @@ def gguf_as_folder(path: Path) -> Path:
         del llm.config.quantization_config  # the folder's weights are plain float32
     llm.config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    files.sync_tree(partial)
     try:
         partial.rename(folder)  # complete or absent, whoever else converts at the same time
     except OSError:

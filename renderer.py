@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import dsl
+import files
 
 SIDE_FRACTION = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}  # of the quadrant side q
 SIZE_JITTER = 0.03  # +- fraction of q on the side
@@ -135,7 +136,10 @@ def main(argv=None):
         name = "<stdin>" if args.file == "-" else args.file
         parser.exit(2, f"renderer.py: error: {name}: {error}\n")
     try:
-        render(diagram, args.size).save(args.output)
+        with files.replacing(args.output) as temporary:
+            render(diagram, args.size).save(temporary)  # the temporary name keeps the suffix, the format
+    except files.DiskFull as error:
+        parser.exit(1, f"renderer.py: error: {error}\n")
     except (OSError, ValueError) as error:
         parser.exit(2, f"renderer.py: error: cannot write {args.output}: {error}\n")
 

@@ -99,3 +99,29 @@ def tiny_config(llm: str, clip: str, **changes):
                   lora_target_modules=["q_proj", "v_proj"], num_shots=0, instruction="Read the diagram.")
     values.update(changes)
     return model.ModelConfig(**values)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a real filesystem with no space left: a 256 KiB tmpfs, filled (needs root,
+    as CI has; elsewhere the test is skipped, in CI it fails)."""
+    import os
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        message = f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    try:
+        filler = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 4096):
+                pass
+        except OSError:  # full
+            pass
+        finally:
+            os.close(filler)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

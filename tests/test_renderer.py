@@ -103,3 +103,11 @@ def test_cli_bad_dsl_is_one_line_and_status_2(tmp_path):
     assert not (tmp_path / "x.png").exists()
     missing = run_cli(str(tmp_path / "nope.dsl"), "-o", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope.dsl" in missing.stderr
+
+
+def test_renderer_py_on_a_full_disk_says_so_in_one_line_and_leaves_nothing(full_disk):
+    result = subprocess.run([sys.executable, str(ROOT / "renderer.py"), str(ROOT / "example.dsl.txt"), "-o",
+                             str(full_disk / "example.png")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("renderer.py: error: the disk is full"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

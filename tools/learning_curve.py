@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import files
 import settings
 from settings import setting
 
@@ -33,7 +34,7 @@ def read_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (is {run_dir} a run folder of finetune.py?)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = files.read_jsonl(path, "learning_curve")
     cost = {r["step"]: r for r in records if "images_seen" in r}
     curve = []
     for record in records:
@@ -64,7 +65,8 @@ def plot(curves: dict[str, list[dict]], out: Path):
         axis.grid(alpha=0.3)
     left.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(out, dpi=110)
+    with files.replacing(out) as temporary:
+        figure.savefig(temporary, dpi=110)
     plt.close(figure)
 
 
