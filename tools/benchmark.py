@@ -3,6 +3,7 @@
     python -m tools.benchmark                                  # the embedded default, dtype auto
     python -m tools.benchmark --dtype float32 --steps 5        # any finetune.py setting, and the ones below
     python -m tools.benchmark configs/llama3-8b.yaml --steps 5 # the reference configuration (GPU)
+    python -m tools.benchmark --vs_trainer true                # and the same step through transformers' Trainer
 
 Prints this machine's matmul peak in the dtype in use (a large square matmul), the
 training step's FLOPs (counted by torch's FlopCounterMode over one real step), the
@@ -12,6 +13,10 @@ images. Uses random image features of the right shape (the CLIP encoder is froze
 features are cached during training, so it is not part of a step) and real DSL targets;
 the LLM, projector and LoRA are the real ones, and the step is finetune.train_step itself.
 The last line is one JSON object.
+
+With --vs_trainer, the same model, adapter and batches also train through the usual way:
+transformers' Trainer with the LLM's own loss (logits at every position, as a LLaVA-style
+model built on transformers computes them), and the ratio of the two step times is printed.
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ from __future__ import annotations
 import json
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsl
 import finetune
 import hardware
-from model import DiagramReader
+from model import IGNORE, DiagramReader
 from settings import setting
 
 
@@ -36,6 +43,7 @@ from settings import setting
 class BenchmarkConfig:
     steps: int = setting(10, "training steps timed (after one warm-up step)")
     generate_images: int = setting(32, "images read at batch 1 and then at batch 32")
+    vs_trainer: bool = setting(False, "also time the same steps through transformers' Trainer, and print the ratio")
 
 
 def random_batch(reader: DiagramReader, batch_size: int, rng: random.Random, device) -> dict:
@@ -44,6 +52,62 @@ def random_batch(reader: DiagramReader, batch_size: int, rng: random.Random, dev
     images = torch.randn(batch_size, n_images, *reader.vision.feature_shape)
     batch = reader.collate(images, [t[:-1] for t in texts], [t[-1] for t in texts])
     return {k: v.to(device) for k, v in batch.items()}
+
+
+class UsualForward(torch.nn.Module):
+    """The forward pass of a LLaVA-style model on transformers: the image tokens spliced into
+    the embeddings, then the LLM's own loss over logits at every position."""
+
+    def __init__(self, reader: DiagramReader):
+        super().__init__()
+        self.reader = reader
+
+    def forward(self, input_ids, attention_mask, labels, images, quadrants=None):
+        embeddings = self.reader.embed(input_ids, self.reader.projector(images))
+        return {"loss": self.reader.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels).loss}
+
+
+def trainer_step_seconds(reader: DiagramReader, batches: list[dict], training, device) -> float:
+    """The median step time of transformers' Trainer (PEFT's LoRA, AdamW, cosine schedule,
+    clipping: its defaults where ours has no counterpart) on the same batches, the first
+    one not counted."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.seconds = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            hardware.synchronize(device)
+            self.seconds.append(time.perf_counter() - self.started)
+
+    # Each picture's row without its padding; the collator pads a batch again, on the left as ours does.
+    samples = [{k: v[i][-int(batch["attention_mask"][i].sum()):] if v.dim() == 2 and k != "quadrants" else v[i]
+                for k, v in batch.items()} for batch in batches for i in range(len(batch["input_ids"]))]
+    padding = {"input_ids": reader.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE}
+
+    def collate(rows: list[dict]) -> dict:
+        length = max(len(row["input_ids"]) for row in rows)
+        return {k: torch.stack([F.pad(row[k], (length - len(row[k]), 0), value=padding[k]) if k in padding
+                                else row[k] for row in rows]) for k in rows[0]}
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as output_dir:
+        arguments = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=training.batch_size,
+                                      max_steps=len(batches), learning_rate=training.lr,
+                                      weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
+                                      lr_scheduler_type="cosine", max_grad_norm=training.grad_clip or 1e9,
+                                      report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                                      remove_unused_columns=False, use_cpu=device.type == "cpu",
+                                      dataloader_pin_memory=False)
+        trainer = Trainer(model=UsualForward(reader), args=arguments, train_dataset=samples, callbacks=[clock],
+                          data_collator=collate)
+        trainer.train()
+    seconds = sorted(clock.seconds[1:])
+    return seconds[len(seconds) // 2]
 
 
 def main(argv: list[str]) -> dict:
@@ -112,6 +176,11 @@ def main(argv: list[str]) -> dict:
         # GPU: allocated; CPU: the process's resident size (RSS)
         "peak_memory_gib": round(hardware.peak_memory_gib(device), 2),
     }
+    if bench.vs_trainer:
+        batches = [random_batch(reader, training.batch_size, rng, device) for _ in range(bench.steps + 1)]
+        theirs = trainer_step_seconds(reader, batches, training, device)
+        result["trainer_step_seconds"] = round(theirs, 3)
+        result["trainer_over_ours_per_picture"] = round(theirs / step_seconds, 2)
     return result
 
 
