@@ -1,0 +1,121 @@
+"""mermaid.py: the flowchart subset's text, its sampler on a grid, and its drawing."""
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+import mermaid
+from conftest import ROOT
+from mermaid import Chart, Node
+
+
+def test_the_subset_has_four_shapes_and_at_least_twenty_words():
+    assert set(mermaid.SHAPES) == {"box", "rounded", "diamond", "circle"}
+    assert len(set(mermaid.LABELS)) == len(mermaid.LABELS) >= 20
+
+
+def test_sampled_charts_parse_back_to_themselves():
+    rng = random.Random(0)
+    for _ in range(300):
+        chart, cells = mermaid.sample(rng)
+        assert mermaid.parse(mermaid.to_text(chart)) == chart
+        assert len(cells) == len(chart.nodes) == len(set(cells)) and 2 <= len(chart.nodes) <= mermaid.MAX_NODES
+
+
+def test_the_text_names_nodes_in_reading_order_and_every_node_has_an_edge():
+    rng = random.Random(1)
+    for _ in range(300):
+        chart, cells = mermaid.sample(rng)
+        assert cells == sorted(cells)  # row by row, left to right: node A first
+        assert {i for edge in chart.edges for i in edge} == set(range(len(chart.nodes)))
+
+
+def test_the_direction_can_be_read_off_the_arrows():
+    rng = random.Random(2)
+    for _ in range(300):
+        chart, cells = mermaid.sample(rng)
+        steps = [(cells[b][0] - cells[a][0], cells[b][1] - cells[a][1]) for a, b in chart.edges]  # (down, right)
+        if chart.direction == "TD":
+            assert all(down > 0 and abs(right) <= down for down, right in steps)
+            assert any(abs(right) < down for down, right in steps)
+        else:
+            assert all(right > 0 and abs(down) <= right for down, right in steps)
+            assert any(abs(down) < right for down, right in steps)
+
+
+def test_no_arrow_crosses_another_node_or_arrow():
+    rng = random.Random(3)
+    for _ in range(300):
+        chart, cells = mermaid.sample(rng)
+        points = [(c, r) for r, c in cells]
+        for a, b in chart.edges:
+            for k, centre in enumerate(points):
+                if k not in (a, b):
+                    assert not mermaid.segment_hits_box(points[a], points[b], centre, mermaid.NODE_HALF)
+        for (a, b), (c, d) in zip(chart.edges, chart.edges[1:]):
+            assert not mermaid.segments_cross(points[a], points[b], points[c], points[d])
+
+
+def test_canonical_text_ignores_ids_line_order_and_whitespace():
+    written = "flowchart TD\n  start((Start)) --> x{Check}\r\n\n  x --> y[Load]\n  %% a comment\n"
+    shuffled = "flowchart   TD\nB[Load]\nA{Check}\nC((Start))\nA-->B\nC --> A"
+    assert mermaid.canonical(written) == mermaid.canonical(shuffled) == (
+        "flowchart TD\n    A{Check}\n    B[Load]\n    C((Start))\n    A --> B\n    C --> A\n")
+    assert mermaid.canonical("flowchart LR\n  A[Load] --> B[Save]") != mermaid.canonical(
+        "flowchart TD\n  A[Load] --> B[Save]")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("graph TD\nA[Load]", "line 1: expected `flowchart TD`"),
+    ("flowchart TD\nA[Banana]", "line 2: 'Banana' is not a label"),
+    ("flowchart TD\nA[Load]\nB[Load]\nA --> B", "Load name more than one node"),
+    ("flowchart TD\nA[Load] --> B", "B: used but never given a shape"),
+    ("flowchart TD\nA[Load", "expected a node"),
+    ("flowchart TD\nA[Load}", "the brackets do not match"),
+    ("flowchart TD\nA[Load)", "the brackets do not match"),
+    ("flowchart TD\nA[Load]\nA --> A", "line 3: an edge from A to itself"),
+    ("flowchart TD\nA[Load] --> B[Save]\nA --> B", "line 3: the edge A --> B is given twice"),
+    ("flowchart TD\nA[Load]\nA(Load)", "A is declared twice"),
+])
+def test_bad_text_is_an_error_naming_the_line(text, says):
+    with pytest.raises(mermaid.ParseError, match=says):
+        mermaid.parse(text)
+
+
+def test_scores_count_nodes_and_edges_by_their_labels():
+    reference = "flowchart TD\nA[Load] --> B{Check}\nB --> C((End))"
+    renamed = "flowchart TD\nx{Check} --> y((End))\nz[Load] --> x"
+    one_wrong = "flowchart TD\nA[Load] --> B(Check)\nA --> C((End))"  # Check's shape, and one edge
+    scores = mermaid.score([renamed, one_wrong, "not a chart"], [reference] * 3)
+    assert scores["exact_match"] == pytest.approx(1 / 3) and scores["valid_rate"] == pytest.approx(2 / 3)
+    assert scores["node_precision"] == pytest.approx(5 / 6) and scores["node_recall"] == pytest.approx(5 / 9)
+    assert scores["edge_precision"] == pytest.approx(3 / 4) and scores["edge_recall"] == pytest.approx(3 / 6)
+
+
+def test_the_drawing_is_a_function_of_chart_cells_style_and_seed():
+    chart, cells = mermaid.sample(random.Random(4))
+    style = mermaid.random_style(random.Random(5))
+    first = mermaid.render(chart, cells, 224, style, random.Random(6))
+    assert first.tobytes() == mermaid.render(chart, cells, 224, style, random.Random(6)).tobytes()
+    assert first.size == (224, 224) and first.getpixel((0, 0)) == style.background
+    other = Chart(chart.direction, (Node("Approve", "circle"),) + chart.nodes[1:], chart.edges)
+    assert mermaid.render(other, cells, 224, style, random.Random(6)).tobytes() != first.tobytes()
+
+
+def test_mermaid_py_draws_a_chart_file_and_samples_charts(tmp_path):
+    chart = tmp_path / "chart.mmd"
+    chart.write_text("flowchart LR\n  A([Start]) --> B\n")
+    bad = subprocess.run([sys.executable, str(ROOT / "mermaid.py"), str(chart), "-o", str(tmp_path / "x.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("mermaid.py: error:") and "Traceback" not in bad.stderr
+    chart.write_text("flowchart LR\n  A((Start)) --> B{Check}\n  B --> C[Load]\n  B --> D[End]\n")
+    good = subprocess.run([sys.executable, str(ROOT / "mermaid.py"), str(chart), "-o", str(tmp_path / "x.png")],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "x.png").stat().st_size > 0
+    sampled = subprocess.run([sys.executable, str(ROOT / "mermaid.py"), "--sample", "3"], capture_output=True,
+                             text=True)
+    charts = sampled.stdout.split("flowchart")[1:]
+    assert len(charts) == 3 and all(mermaid.parse("flowchart" + text) for text in charts)
