@@ -147,7 +147,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
                                                             if resume_from else ""))
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
-    with StopRequested() as stop:
+    with StopRequested() as stop, bar:  # the bar closed, an error starts its own line
         while step < total_steps:
             batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, training, accelerator)
             with cost.count(tuple(tuple(b["input_ids"].shape) for b in batches), accelerator.num_processes):
