@@ -56,20 +56,17 @@ def tidy(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not any(p.name.startswith((files.TEMPORARY, files.OLD)) for p in run_dir.iterdir()):
         return
+    lock = None
     try:
-        lock = os.open(run_dir / "run.lock", os.O_RDONLY) if (run_dir / "run.lock").exists() else None
+        if (run_dir / "run.lock").exists():
+            lock = os.open(run_dir / "run.lock", os.O_RDONLY)
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # BlockingIOError while a run holds it
+        files.recover(run_dir)
+    except (BlockingIOError, PermissionError):
+        pass  # a live run's save in progress, or someone else's folder that we may only read
+    finally:
         if lock is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while a run holds it (LOCK_EX)
-            except BlockingIOError:
-                return
-        try:
-            files.recover(run_dir)
-        finally:
-            if lock is not None:
-                os.close(lock)
-    except PermissionError:
-        return  # someone else's run, readable only: its checkpoints are read as they are
+            os.close(lock)
 
 
 def read_state(folder: Path) -> dict:
