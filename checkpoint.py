@@ -10,15 +10,20 @@
 
 The model's own files are written and read by model.DiagramReader's save/load pair;
 this module adds what a run keeps beside them, and is the one place that lists,
-picks, writes and resumes checkpoints.
+picks, writes and resumes checkpoints. Every write goes through files.py: a checkpoint is
+whole or absent, whenever the process is killed, and `tidy` puts back what a kill between
+the two renames of a save left aside.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -26,30 +31,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import files
 from model import CheckpointError, DiagramReader, ModelConfig, read_json
 
 
 def save(run_dir: Path, name: str, reader: DiagramReader, state: dict, training_state: dict) -> Path:
-    """Write checkpoint `name` into a temporary folder, then rename it into place: a crash
-    during the save leaves the earlier checkpoints whole and no half-written one behind a
-    real name. `state` (JSON) must hold the step; training_state is torch-saved."""
+    """Write checkpoint `name` whole or not at all (files.replacing_folder: a temporary folder,
+    synced, renamed into place): a crash or a kill leaves the earlier checkpoints whole, an
+    older `name` included. `state` (JSON) must hold the step; training_state is torch-saved
+    and must hold only what torch.load(weights_only=True) reads back (see rng_states)."""
     folder = run_dir / name
-    temporary = run_dir / f".tmp-{name}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    reader.save_pretrained(temporary)
-    torch.save(training_state, temporary / "training_state.pt")
-    (temporary / "state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-    if folder.exists():  # the same step saved again after a resume
-        old = run_dir / f".old-{name}"
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        temporary.rename(folder)
-        shutil.rmtree(old)
-    else:
-        temporary.rename(folder)
+    with files.replacing_folder(folder) as temporary:
+        reader.save_pretrained(temporary)
+        torch.save(training_state, temporary / "training_state.pt")
+        (temporary / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     _update_best(run_dir)
     return folder
+
+
+def tidy(run_dir: str | Path):
+    """Put back a checkpoint that a kill between a save's two renames left as `.old-NAME`,
+    and remove half-written `.tmp-*` ones (files.recover), unless a training run holds the
+    folder: its `.tmp-*` is a save in progress. A folder we may not write is left as it is."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(p.name.startswith((files.TEMPORARY, files.OLD)) for p in run_dir.iterdir()):
+        return
+    lock = None
+    try:
+        if (run_dir / "run.lock").exists():
+            lock = os.open(run_dir / "run.lock", os.O_RDONLY)
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # BlockingIOError while a run holds it
+        files.recover(run_dir)
+    except (BlockingIOError, PermissionError):
+        pass  # a live run's save in progress, or someone else's folder that we may only read
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def read_state(folder: Path) -> dict:
@@ -78,17 +95,23 @@ def _update_best(run_dir: Path):
     scored = [(state["validation"]["exact_match"], state["step"], name) for state, name in states
               if state.get("validation")]
     if scored:
-        temporary = run_dir / ".best"
-        temporary.write_text(max(scored)[2] + "\n")
-        os.replace(temporary, run_dir / "best")
+        files.write_text(run_dir / "best", max(scored)[2] + "\n")
 
 
 def prune(run_dir: Path, keep_step_checkpoints: int):
-    """Delete all but the last `keep_step_checkpoints` step checkpoints (never the best one)."""
-    steps = [p for p in folders(run_dir) if p.name.startswith("step-")]
-    for old in steps[:-keep_step_checkpoints or None]:
-        if old != best(run_dir):
-            shutil.rmtree(old)
+    """Delete all but the last `keep_step_checkpoints` step checkpoints, never the best one nor
+    the run's latest checkpoint: the one --resume auto continues from (with 0, that of a Ctrl-C)."""
+    found = folders(run_dir)
+    steps = [p for p in found if p.name.startswith("step-")]
+    kept = set(steps[len(steps) - keep_step_checkpoints:] if keep_step_checkpoints else []) | {found[-1], best(run_dir)}
+    for old in steps:
+        if old not in kept:
+            # Renamed first: a kill during the deletion leaves a `.tmp-*` (tidy removes it), never
+            # a half-deleted folder whose state.json still says it is whole.
+            doomed = old.with_name(files.TEMPORARY + old.name)
+            old.rename(doomed)
+            files.sync_folder(run_dir)
+            shutil.rmtree(doomed)
 
 
 def find(path: str | Path) -> tuple[Path, str]:
@@ -101,6 +124,7 @@ def find(path: str | Path) -> tuple[Path, str]:
         return path, "as given"
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: the folder does not exist")
+    tidy(path)
     if (chosen := best(path)) is not None:
         state = read_state(chosen)
         return chosen, f"the run's best: validation exact match {state['validation']['exact_match']:.3f} at " \
@@ -113,8 +137,8 @@ def find(path: str | Path) -> tuple[Path, str]:
 
 
 def hold(run_dir: str | Path):
-    """Hold run_dir for this training run: another run started into the same folder while
-    this one is alive is refused. The lock is the OS's (flock) and ends with the process,
+    """Hold run_dir for this training run, and tidy it: another run started into the same
+    folder while this one is alive is refused. The lock is the OS's (flock) and ends with the process,
     however it ends, so a killed run leaves nothing that blocks the next. Keep the returned
     file open for the run's lifetime."""
     run_dir = Path(run_dir)
@@ -131,17 +155,21 @@ def hold(run_dir: str | Path):
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    files.recover(run_dir)  # the holder alone writes here: what a killed save left is put back now
     return lock
 
 
-def resume_point(output_dir: str, resume: str, config: ModelConfig) -> Path | None:
-    """The checkpoint --resume names, checked to fit `config`: None to start afresh, which
-    is refused where output_dir already holds a run (it would be overwritten)."""
+def resume_point(output_dir: str, resume: str, config: ModelConfig, data: dict) -> Path | None:
+    """The checkpoint --resume names, checked to fit `config` and `data` (data_identity): None
+    to start afresh, which is refused where output_dir already holds a run (it would be
+    overwritten). The main process calls it once it holds output_dir (hold tidies it)."""
     run = Path(output_dir if resume in ("auto", "") else resume)
+    tidy(run)
     found = [run] if (run / "training_state.pt").is_file() else \
         [p for p in folders(run) if (p / "training_state.pt").is_file()]
     if resume and found:
         check_resumable(found[-1], config)
+        check_same_data(found[-1], data)
         return found[-1]
     if resume not in ("auto", ""):
         raise CheckpointError(f"--resume {resume}: no checkpoint with a training state there")
@@ -162,12 +190,47 @@ def check_resumable(folder: Path, config: ModelConfig):
                               "--output_dir.")
 
 
+def data_identity(data_csv: str | Path, seed: int) -> dict:
+    """What decides which rows train and which validate, and their order: recorded in every
+    checkpoint's state.json, compared on --resume."""
+    return {"seed": seed, "data_csv": str(Path(data_csv).resolve()),
+            "data_csv_sha256": hashlib.sha256(Path(data_csv).read_bytes()).hexdigest()}
+
+
+def check_same_data(folder: Path, data: dict):
+    """Refuse to resume on another split or order of the data: another --seed, --data_csv, or
+    a CSV whose content changed would move rows between training and validation."""
+    saved = read_state(folder).get("data", {})  # checkpoints that predate the record: unchecked
+    differ = [("--data_csv content (SHA-256)" if key == "data_csv_sha256" else "--" + key, saved[key], value)
+              for key, value in data.items() if key in saved and saved[key] != value]
+    if differ:
+        flag = differ[0][0].split()[0]
+        raise CheckpointError(f"cannot resume from {folder}: the run was made with another split of the data ("
+                              + "; ".join(f"{name}: {old!r} there, {new!r} here" for name, old, new in differ)
+                              + f"). Resume with the old {flag}, or start a new --output_dir.")
+
+
 def load_training_state(folder: Path) -> dict:
-    return torch.load(folder / "training_state.pt", weights_only=False)
+    """The optimizer, scheduler, gradient scaler and random states, read as tensors and plain
+    values only: a file holding other Python objects is refused, since unpickling them could
+    run any code (a run folder from someone else)."""
+    path = Path(folder) / "training_state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = found.group(1) if found else "an object other than tensors, numbers, strings, lists and dicts"
+        raise CheckpointError(f"{path}: refused: it holds {what}, and loading that could run code. A checkpoint "
+                              "saved before training states held tensors and plain values only (numpy's random "
+                              "state as an array) cannot be resumed: start a new --output_dir") from None
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random states, as values torch.load(weights_only=True) reads: numpy's array as a
+    tensor, python's as a tuple of ints."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian]}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -175,7 +238,8 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict):
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

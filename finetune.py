@@ -34,6 +34,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dsl
+import files
 import hardware
 import language_model
 import settings
@@ -75,7 +76,8 @@ class TrainConfig:
     eval_every: int = setting(250, "steps between validations (also at every epoch end); 0: epoch ends only")
     eval_samples: int = setting(256, "validation images read at those runs (the loss is over all at epoch ends)")
     save_every: int = setting(250, "steps between step checkpoints; 0: epoch checkpoints only")
-    keep_step_checkpoints: int = setting(2, "step checkpoints kept (the latest ones, and the best)")
+    keep_step_checkpoints: int = setting(2, "step checkpoints kept (the latest ones, and the best); with 0, a step "
+                                            "checkpoint stays only while it is the run's latest (a Ctrl-C's)")
     resume: str = setting("", "auto (output_dir's latest checkpoint, if any), a run folder or a checkpoint")
     wandb_project: str = setting("diagram-reader", "Weights & Biases project")
     wandb_mode: str = setting("auto", "auto (WANDB_MODE if set, else online when logged in, offline when not), "
@@ -112,8 +114,11 @@ def parse_configs(argv: list[str], *extra) -> tuple:
 def main(config: ModelConfig, training: TrainConfig) -> int:
     accelerator, dtype = set_up(config, training)
     train_rows, val_rows = split_data(training)
+    data_identity = checkpoint.data_identity(training.data_csv, training.seed)  # what decides the split and order
     lock = checkpoint.hold(training.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held)
-    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config)
+    accelerator.wait_for_everyone()  # the folder tidied (hold) before any process lists its checkpoints
+    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config, data_identity)
+    resumed_state = checkpoint.load_training_state(resume_from) if resume_from else None  # refused before loading
     steps_per_epoch = len(train_rows) // (training.batch_size * training.gradient_accumulation_steps
                                           * accelerator.num_processes)
     if steps_per_epoch == 0 or len(train_rows) <= config.num_shots:
@@ -132,7 +137,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
         warm_up_projector(reader.projector, train_rows, train_features, training, cost, accelerator)
     optimizer, scheduler = make_optimizer(reader, training, total_steps)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
-    step, start = restore(resume_from, optimizer, scheduler, accelerator)
+    step, start = restore(resume_from, resumed_state, optimizer, scheduler, accelerator)
     hardware.reset_peak_memory(accelerator.device)  # the steps' peak memory is logged, not loading's
     log = RunLog(Path(training.output_dir), {**asdict(config), **asdict(training)}, training.wandb_project,
                  training.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
@@ -142,7 +147,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
                                                             if resume_from else ""))
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
-    with StopRequested() as stop:
+    with StopRequested() as stop, bar:  # the bar closed, an error starts its own line
         while step < total_steps:
             batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, training, accelerator)
             with cost.count(tuple(tuple(b["input_ids"].shape) for b in batches), accelerator.num_processes):
@@ -170,7 +175,10 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
             name = (f"epoch-{step // steps_per_epoch:02d}" if end_of_epoch else f"step-{step:07d}"
                     if (training.save_every and step % training.save_every == 0) or stop.requested else None)
             if name and accelerator.is_main_process:
-                save(name, reader, optimizer, scheduler, accelerator, log, step, start, scores, training, cost)
+                state = {"step": step, "minutes": (time.time() - start) / 60, "validation": scores,
+                         "wandb_id": log.run_id, "train_flops": cost.train_flops, "train": asdict(training),
+                         "data": data_identity}
+                save(name, reader, state, training_state(optimizer, scheduler, accelerator), training, log)
             if stop.requested:
                 bar.close()
                 accelerator.print(f"stopped at step {step}; continue with --resume auto "
@@ -283,17 +291,17 @@ def make_optimizer(reader: DiagramReader, training: TrainConfig, total_steps: in
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def restore(resume_from, optimizer, scheduler, accelerator) -> tuple[int, float]:
+def restore(resume_from, resumed_state: dict | None, optimizer, scheduler, accelerator) -> tuple[int, float]:
     """(step, start time) of a new run, or of a resumed one with its optimizer, scheduler,
-    gradient scaler and random states as they were (the model's weights came with it)."""
+    gradient scaler and random states as they were (the model's weights came with it;
+    `resumed_state` is its checkpoint.load_training_state)."""
     if not resume_from:
         return 0, time.time()
-    state = checkpoint.load_training_state(resume_from)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_states(state["rng"])
+    optimizer.load_state_dict(resumed_state["optimizer"])
+    scheduler.load_state_dict(resumed_state["scheduler"])
+    if accelerator.scaler is not None and resumed_state.get("scaler"):
+        accelerator.scaler.load_state_dict(resumed_state["scaler"])
+    checkpoint.set_rng_states(resumed_state["rng"])
     saved = checkpoint.read_state(resume_from)
     return saved["step"], time.time() - 60 * saved["minutes"]
 
@@ -386,15 +394,17 @@ def validate(reader: DiagramReader, val_rows, val_features, training: TrainConfi
     return scores
 
 
-def save(name, reader, optimizer, scheduler, accelerator, log: RunLog, step: int, start: float, scores, training,
-         cost: RunCost):
-    """A checkpoint of the model and everything --resume needs; older step checkpoints pruned."""
-    training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                      "rng": checkpoint.rng_states()}
-    state = {"step": step, "minutes": (time.time() - start) / 60, "validation": scores, "wandb_id": log.run_id,
-             "train_flops": cost.train_flops, "train": asdict(training)}
-    folder = checkpoint.save(Path(training.output_dir), name, reader, state, training_state)
+def training_state(optimizer, scheduler, accelerator) -> dict:
+    """What --resume needs beside the model, in values torch.load(weights_only=True) reads back."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "rng": checkpoint.rng_states()}
+
+
+def save(name: str, reader: DiagramReader, state: dict, resume_state: dict, training: TrainConfig, log: RunLog):
+    """A checkpoint of the model, its `state` (state.json) and what --resume needs; older
+    step checkpoints pruned."""
+    folder = checkpoint.save(Path(training.output_dir), name, reader, state, resume_state)
     checkpoint.prune(folder.parent, training.keep_step_checkpoints)
     if name.startswith("epoch-"):
         log.checkpoint(folder)
@@ -457,3 +467,6 @@ if __name__ == "__main__":
     except (data.DataError, CheckpointError, SettingsError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except files.DiskFull as error:  # raised after the half-written files were removed
+        print(f"finetune.py: error: {error.strerror}", file=sys.stderr)
+        sys.exit(1)

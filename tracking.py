@@ -4,6 +4,8 @@ W&B is not online, output_dir/curves.png, so a user without an account still see
 At each validation W&B gets a table of sample predictions (the image, the prediction
 drawn by renderer.py, both DSL texts, exact or not); at each epoch the checkpoint is
 logged as an artifact (uploaded when online, recorded for `wandb sync` when offline).
+Its files are written through files.py: a kill tears at most log.jsonl's last line, which
+is dropped on resume, and never leaves half of curves.png.
 """
 
 from __future__ import annotations
@@ -16,17 +18,46 @@ from PIL import Image
 
 import data
 import dsl
+import files
 import renderer
+from model import CheckpointError
+
+
+class LogFile:
+    """log.jsonl: one JSON record a line, each appended and synced on its own."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict):
+        try:
+            files.append_line(self.path, json.dumps(record))
+        except OSError as error:
+            if files.is_disk_full(error):  # a torn line at most, which records() drops
+                raise files.disk_full(self.path) from None
+            raise
+
+    def records(self) -> list[dict]:
+        try:
+            return files.read_jsonl(self.path, "finetune.py")
+        except ValueError as error:  # a line torn in the middle: not a kill's doing
+            raise CheckpointError(f"{error}; move {self.path} aside to continue without it") from None
+
+    def keep_until(self, step: int):
+        """Keep the records up to `step` (a resumed run logs the later ones again); none at step 0."""
+        kept = [r for r in self.records() if (r.get("step") or r.get("eval", {}).get("step", 0)) <= step] \
+            if step else []
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLog:
     def __init__(self, output_dir: Path, config: dict, project: str, mode: str, run_id: str | None,
                  is_main_process: bool, resume_step: int = 0):
         self.output_dir, self.is_main = output_dir, is_main_process
-        self.path = output_dir / "log.jsonl"
+        self.file = LogFile(output_dir / "log.jsonl")
         if is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
-            self._truncate(resume_step)
+            self.file.keep_until(resume_step)
         self.mode = _wandb_mode(mode) if is_main_process else "disabled"
         import wandb
 
@@ -66,17 +97,7 @@ class RunLog:
 
     def _append(self, record: dict):
         if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
-            if self.path.exists() else []
-
-    def _truncate(self, step: int):
-        """A new run starts an empty log; a resumed one drops the records after its step (it logs them again)."""
-        kept = [r for r in self.records() if (r.get("step") or r.get("eval", {}).get("step", 0)) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.file.append(record)
 
     def _table(self, samples):
         import wandb
@@ -97,7 +118,7 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = self.records()
+        records = self.file.records()
         steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
         evals = [r["eval"] for r in records if "eval" in r]
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -110,7 +131,8 @@ class RunLog:
         right.set(xlabel="step", ylim=(0, 1.02), title="validation")
         right.legend()
         figure.tight_layout()
-        figure.savefig(self.output_dir / "curves.png", dpi=100)
+        with files.replacing(self.output_dir / "curves.png") as temporary:
+            figure.savefig(temporary, dpi=100)
         plt.close(figure)
 
 

@@ -176,10 +176,10 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_llm, tin
     assert f"step-{step - 1:07d}" in message  # the last good checkpoint: the step before
 
 
-def test_ctrl_c_saves_a_step_checkpoint(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+def test_ctrl_c_saves_a_step_checkpoint_kept_even_when_none_are(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"),
                                 *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--epochs", "50",
-                                           "--save_every", "0")],
+                                           "--save_every", "0", "--keep_step_checkpoints", "0")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while (not (tmp_path / "log.jsonl").exists() or len(losses(tmp_path)) < 2) and time.time() < deadline:
@@ -189,9 +189,64 @@ def test_ctrl_c_saves_a_step_checkpoint(tiny_llm, tiny_clip, tiny_dataset, tmp_p
     assert process.returncode == 130, stderr[-2000:]
     assert "--resume auto" in stderr and "Traceback" not in stderr
     saved = checkpoint.folders(tmp_path)
-    assert saved
+    assert saved and saved[-1].name.startswith("step-")  # what --resume auto continues from
     step = json.loads((saved[-1] / "state.json").read_text())["step"]
     assert step == len(losses(tmp_path)) >= 2
+
+
+def test_resume_refuses_another_seed_naming_it(trained_run, tiny_llm, tiny_clip, tiny_dataset):
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, trained_run, "--epochs", "3",
+                                                  "--save_every", "2", "--num_shots", "1", "--seed", "1",
+                                                  "--resume", "auto"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("finetune.py: error: cannot resume") and "--seed: 0 there, 1 here" in error
+    assert "Resume with the old --seed, or start a new --output_dir" in error
+    assert checkpoint.read_state(trained_run / "epoch-02")["data"]["seed"] == 0
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume_with_one_warning(trained_run, tiny_llm, tiny_clip, tiny_dataset,
+                                                                    tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    log = run_dir / "log.jsonl"
+    log.write_text(log.read_text()[:-20])  # a kill inside the last write: the validation at step 10
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--epochs", "3",
+                                                  "--save_every", "2", "--num_shots", "1", "--resume", "auto"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("dropped a torn last line") == 1 and "resuming from" in result.stdout
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
+    assert [r["eval"]["step"] for r in records if "eval" in r] == [5, 15]
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_the_earlier_checkpoints_whole(
+        tiny_llm, tiny_clip, tiny_dataset, tmp_path):
+    """A real run whose second checkpoint meets a full disk (torch.save raising ENOSPC)."""
+    args = tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--epochs", "2", "--save_every", "0")
+    full_disk_on_the_second_save = f"""
+import errno, runpy, sys, torch
+real_save, calls = torch.save, []
+def save(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(*args, **kwargs)
+torch.save = save
+sys.argv = ["finetune.py", *{args!r}]
+runpy.run_path("finetune.py", run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", full_disk_on_the_second_save], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith("finetune.py: error: the disk is full: could not write") and "epoch-02" in errors[0]
+    assert [p.name for p in checkpoint.folders(tmp_path)] == ["epoch-01"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    checkpoint.load_training_state(tmp_path / "epoch-01")
+    model.DiagramReader.from_pretrained(tmp_path / "epoch-01")  # whole: it loads
 
 
 def test_reference_configuration_parses_and_is_wired(tiny_llm_untied, tiny_clip, tiny_dataset, tmp_path):
