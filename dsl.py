@@ -15,6 +15,8 @@ was expected.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
 import re
 from collections import defaultdict
@@ -241,6 +243,25 @@ def all_diagrams():
             for looks in product(product(SIZES, SHAPES), repeat=k):
                 yield Diagram(tuple(Element(size, shape, position)
                                     for (size, shape), position in zip(looks, positions)))
+
+
+HELD_OUT_SHARE = 0.2  # of each element count's diagrams, kept for test sets alone
+
+
+@functools.cache
+def held_out_diagrams() -> frozenset[Diagram]:
+    """The diagrams that only test sets show (docs/SPEC.md's data files), whatever the seed
+    or the test set's size: of each element count, the fifth whose canonical text has the
+    smallest SHA-256. Ranked within each count because a hash alone (modulo 5) would keep 13
+    of the 36 one-element diagrams from training, not 7."""
+    by_count = defaultdict(list)
+    for diagram in all_diagrams():
+        by_count[len(diagram)].append(diagram)
+    held_out = set()
+    for diagrams in by_count.values():
+        diagrams.sort(key=lambda diagram: hashlib.sha256(to_text(diagram).encode("utf-8")).digest())
+        held_out.update(diagrams[:round(len(diagrams) * HELD_OUT_SHARE)])
+    return frozenset(held_out)
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -233,14 +233,30 @@ def load_model(config: ModelConfig, training: TrainConfig, dtype: torch.dtype, r
 
 
 def split_data(training: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:
-    """Every row checked before any model loads; a fixed, seeded split."""
+    """Every row checked before any model loads; a fixed, seeded split that holds out
+    diagrams, not rows: every picture of a validation diagram is in validation, so its
+    exact match (which picks the best checkpoint) scores reading, not remembering."""
     rows, skipped = data.read_dataset(training.data_csv, training.skip_bad_rows)
     if skipped:
         print(f"skipping {skipped} bad rows of {training.data_csv} (--skip_bad_rows)", file=sys.stderr)
-    order = list(range(len(rows)))
-    random.Random(training.seed).shuffle(order)
+    rows_per_diagram: dict[str, int] = {}
+    for row in rows:  # row.dsl is canonical: one text a diagram
+        rows_per_diagram[row.dsl] = rows_per_diagram.get(row.dsl, 0) + 1
+    if len(rows_per_diagram) < 2:
+        raise data.DataError(f"{training.data_csv}: all {len(rows)} rows show one diagram; validation holds out "
+                             "whole diagrams, so it needs at least two different ones")
+    rng = random.Random(training.seed)
+    rng.shuffle(rows)  # both parts in a random order: validation reads its first eval_samples
+    diagrams = sorted(rows_per_diagram)
+    rng.shuffle(diagrams)  # each diagram as likely as any other, however many rows it has
     num_val = max(1, round(len(rows) * training.val_fraction))
-    return [rows[i] for i in order[num_val:]], [rows[i] for i in order[:num_val]]
+    val_diagrams, num_val_rows = set(), 0
+    for diagram in diagrams[:-1]:  # the last one stays for training, whatever the fraction
+        if num_val_rows >= num_val:
+            break
+        val_diagrams.add(diagram)
+        num_val_rows += rows_per_diagram[diagram]
+    return [r for r in rows if r.dsl not in val_diagrams], [r for r in rows if r.dsl in val_diagrams]
 
 
 def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator):

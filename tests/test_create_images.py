@@ -1,14 +1,24 @@
-"""create_images.py writes docs/SPEC.md's data files: reproducible, canonical, held-out test diagrams."""
+"""create_images.py writes docs/SPEC.md's data files: reproducible, canonical, held-out test
+diagrams that no seed trains on, every file whole or absent."""
 
 import csv
+import os
+import shutil
 import subprocess
 import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import create_images
+import data
 import dsl
+import files
 from conftest import ROOT
+from killing import kill_at_random_points
 
 
 def generate(out_dir, *extra):
@@ -53,6 +63,28 @@ def test_files_follow_the_spec(two_runs):
     test_diagrams = [row["dsl"] for row in test]
     assert len(set(test_diagrams)) == len(test_diagrams), "test diagrams are all different"
     assert not set(test_diagrams) & {row["dsl"] for row in train}, "no test diagram in data.csv"
+    held_out = {dsl.to_text(diagram) for diagram in dsl.held_out_diagrams()}
+    assert set(test_diagrams) <= held_out and not held_out & {row["dsl"] for row in train}
+
+
+def test_a_fifth_of_each_element_count_is_held_out_whatever_the_seed():
+    by_count = Counter(len(diagram) for diagram in dsl.held_out_diagrams())
+    assert by_count == {1: 7, 2: 97, 3: 583, 4: 1312}  # of 36, 486, 2,916 and 6,561
+    assert create_images.MAX_TEST == 1999
+
+
+def test_no_seed_trains_on_any_test_diagram(tmp_path):
+    def diagrams(seed, num_test, name):
+        out = tmp_path / f"{seed}-{num_test}"
+        result = generate(out, "--num_samples", "300", "--num_test", str(num_test), "--seed", str(seed),
+                          "--size", "16", "--damage", "0")
+        assert result.returncode == 0, result.stderr
+        return {row["dsl"] for row in read_rows(out / name)}
+
+    trained = set().union(*(diagrams(seed, 10, "data.csv") for seed in (0, 1, 2)))
+    tested = diagrams(0, 10, "test.csv") | diagrams(0, 60, "test.csv")
+    assert len(tested) == 60 and len(trained) > 500  # the 10 are the first of the 60
+    assert not trained & tested
 
 
 def test_other_seed_other_data(two_runs, tmp_path):
@@ -82,7 +114,7 @@ def test_large_test_set_keeps_every_element_count_in_training(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--num_samples", "-1"], "cannot be negative"),
     (["--num_test", "-5"], "cannot be negative"),
-    (["--num_test", "10000"], "more unique test diagrams"),
+    (["--num_test", "2000"], "more unique test diagrams than are held out"),
 ])
 def test_impossible_requests_are_refused(tmp_path, args, message):
     result = generate(tmp_path, *args)
@@ -101,3 +133,124 @@ def test_damage_changes_about_that_share_of_training_images_and_never_test_ones(
     for row in read_rows(tmp_path / "clean" / "test.csv"):
         assert (tmp_path / "clean" / row["image_path"]).read_bytes() == (tmp_path / "damaged" / row["image_path"]).read_bytes()
     assert generate(tmp_path / "bad", "--num_samples", "4", "--damage", "1.5").returncode == 2
+
+
+def run_in_this_process(out_dir: Path, seed: int):
+    create_images.main(create_images.Arguments(num_samples=40, num_test=10, size=64, seed=seed, out_dir=str(out_dir)))
+
+
+def contents(folder: Path) -> dict:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def living_in_group(group: int) -> list[int]:
+    """The processes of a process group that have not ended (a zombie has)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:  # ended while being read
+            continue
+        if int(process_group) == group and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_killed_run_leaves_each_csv_whole_and_naming_its_own_pictures(tmp_path):
+    """Killed at random points over an older data set (another seed): each CSV is the old one,
+    the new one or absent, and every picture a CSV names is the one it describes. The kills
+    take the main process alone, as a crash would: the pool's workers must end by themselves."""
+    run_in_this_process(tmp_path / "old", seed=1)
+    run_in_this_process(tmp_path / "new", seed=0)
+    versions = {"old": contents(tmp_path / "old"), "new": contents(tmp_path / "new")}
+    out, pid_file = tmp_path / "out", tmp_path / "writer.pid"
+    seen = Counter()
+
+    def lay_old():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp_path / "old", out)
+        pid_file.unlink(missing_ok=True)
+
+    def write():
+        os.setpgid(0, 0)  # the pool's workers join this group, so that the check can wait for them
+        files.write_text(pid_file, str(os.getpid()))  # whole, or the check finds none
+        run_in_this_process(out, seed=0)
+
+    def check(_):
+        if pid_file.exists():
+            group, deadline = int(pid_file.read_text()), time.monotonic() + 10
+            while living_in_group(group):
+                assert time.monotonic() < deadline, f"the killed run's workers {living_in_group(group)} live on"
+                time.sleep(0.01)
+        files.recover(out / "images")
+        files.recover(out)
+        assert not [path for path in out.rglob("*") if path.name.startswith(files.TEMPORARY)]
+        left = contents(out)
+        for name, content in left.items():
+            assert content in (versions["old"].get(name), versions["new"].get(name)), f"{name} is not whole"
+        for name in create_images.CSV_NAMES:
+            version = next((v for v in ("old", "new") if left.get(name) == versions[v][name]), "absent")
+            assert version != "absent" or name not in left, f"{name} is neither the old one nor the new one"
+            seen[name, version] += 1
+            if version != "absent":
+                rows, _ = data.read_dataset(out / name)
+                for row in rows:
+                    picture = row.image_path.relative_to(out).as_posix()
+                    assert left[picture] == versions[version][picture], f"{name} names a picture of another run"
+
+    kill_at_random_points(write, check, kills=20, seed=3, before=lay_old)
+    assert seen["data.csv", "absent"], f"no kill landed inside a run: {seen}"
+    (out / f"{files.TEMPORARY}999-data.csv").write_text("half a CSV")  # what a kill leaves
+    (out / "images" / f"{files.TEMPORARY}999-train_00000.png").write_bytes(b"half a picture")
+    run_in_this_process(out, seed=0)
+    assert contents(out) == versions["new"], "a whole run leaves the new files alone"
+
+
+NO_SPACE = """
+import csv, errno, os, runpy, sys
+import PIL.Image
+
+def no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+save = PIL.Image.Image.save
+
+def save_half(image, path, *args, **kwargs):
+    if not isinstance(path, (str, os.PathLike)):  # a picture kept in memory (damage.py's JPEG)
+        return save(image, path, *args, **kwargs)
+    open(path, "wb").write(b"half a picture")
+    no_space()
+
+class CsvWriterWithoutSpace:
+    def __init__(self, f, **options):
+        self.file = f
+
+    def writerow(self, row):
+        self.file.write("half a row")
+        no_space()
+
+    writerows = writerow
+
+if sys.argv[1] == "picture":
+    PIL.Image.Image.save = save_half
+else:
+    csv.writer = CsvWriterWithoutSpace
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("what", ["picture", "csv"])
+def test_a_full_disk_is_one_line_and_status_1_with_nothing_half_written(tmp_path, what):
+    assert generate(tmp_path, "--num_samples", "20", "--num_test", "5", "--size", "32").returncode == 0
+    result = subprocess.run([sys.executable, "-c", NO_SPACE, what, str(ROOT / "create_images.py"), "--out_dir",
+                             str(tmp_path), "--num_samples", "20", "--num_test", "5", "--size", "32", "--seed", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith("create_images.py: error: the disk is full: could not write ")
+    assert not (tmp_path / "data.csv").exists() and not (tmp_path / "test.csv").exists()
+    assert not [path for path in tmp_path.rglob("*") if path.name.startswith(files.TEMPORARY)]
+    for path in (tmp_path / "images").iterdir():
+        assert data.image_problem(path) is None, path

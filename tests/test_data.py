@@ -122,3 +122,36 @@ def test_scripts_refuse_a_bad_csv_before_loading_any_model(folder, script):
     assert "Traceback" not in result.stderr
     assert "1 of 2 rows are bad" in result.stderr and "row 2: 'missing.png': no such file" in result.stderr
     assert "CLIP features" not in result.stderr and "checkpoint" not in result.stderr.lower()
+
+
+def test_validation_holds_out_whole_diagrams(folder):
+    """finetune.split_data: no validation diagram among the training rows, about val_fraction of
+    the rows, the same split for the same seed."""
+    import finetune
+
+    diagrams = [dsl.to_text(d) for d in list(dsl.all_diagrams())[::250]]  # 40 diagrams of 1 to 4 elements
+    rows = []
+    for i, diagram in enumerate(diagrams):
+        for copy in range(1 + i % 7):  # 1 to 7 pictures of each: 156 rows
+            Image.new("RGB", (16, 16), "white").save(folder / f"{i}-{copy}.png")
+            rows.append([f"{i}-{copy}.png", diagram])
+    path = write_csv(folder, rows)
+
+    def split(seed):
+        return finetune.split_data(finetune.TrainConfig(data_csv=str(path), val_fraction=0.2, seed=seed))
+
+    for seed in range(5):
+        train, val = split(seed)
+        assert len(train) + len(val) == len(rows)
+        assert not {r.dsl for r in train} & {r.dsl for r in val}
+        assert 31 <= len(val) <= 31 + 6  # 20% of 156, and at most one diagram's pictures more
+    assert split(0) == split(0) and split(0) != split(1)
+
+
+def test_validation_needs_two_diagrams(folder):
+    import finetune
+
+    Image.new("RGB", (64, 64), "white").save(folder / "other.png")
+    path = write_csv(folder, [["good.png", GOOD_DSL], ["other.png", GOOD_DSL]])
+    with pytest.raises(data.DataError, match="all 2 rows show one diagram"):
+        finetune.split_data(finetune.TrainConfig(data_csv=str(path)))

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import dsl
+import files
 import settings
 from settings import setting
 
@@ -68,18 +69,29 @@ def draw(diagram: dsl.Diagram, size: int, rng: random.Random) -> Image.Image:
 
 
 def main(args: Arguments):
+    """Each picture, then the CSV naming them, written whole (files.py); an older CSV is
+    removed first, as it would name pictures about to change."""
     out = Path(args.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "data.csv").unlink(missing_ok=True)
     rng = random.Random(args.seed)
-    with open(out / "data.csv", "w", newline="", encoding="utf-8") as f:
+    csv_rows = []
+    for i in tqdm(range(args.num), desc="drawing", unit="img"):
+        diagram = dsl.sample_diagram(rng)
+        with files.replacing(out / "images" / f"other_{i:05d}.png") as temporary:
+            draw(diagram, args.size, rng).save(temporary)
+        csv_rows.append([f"images/other_{i:05d}.png", dsl.to_text(diagram)])
+    with files.replacing(out / "data.csv") as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_path", "dsl"])
-        for i in tqdm(range(args.num), desc="drawing", unit="img"):
-            diagram = dsl.sample_diagram(rng)
-            draw(diagram, args.size, rng).save(out / "images" / f"other_{i:05d}.png")
-            writer.writerow([f"images/other_{i:05d}.png", dsl.to_text(diagram)])
+        writer.writerows(csv_rows)
     print(f"wrote {args.num} images and {out / 'data.csv'}")
 
 
 if __name__ == "__main__":
-    main(*settings.parse(sys.argv[1:], Arguments, program="python -m tools.other_renderer"))
+    (arguments,) = settings.parse(sys.argv[1:], Arguments, program="python -m tools.other_renderer")
+    try:
+        main(arguments)
+    except files.DiskFull as error:
+        print(f"other_renderer.py: error: {error.strerror}", file=sys.stderr)
+        sys.exit(1)

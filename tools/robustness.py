@@ -20,6 +20,7 @@ from pathlib import Path
 import damage
 import data
 import dsl
+import files
 import inference
 import settings
 from model import READ_BATCH, CheckpointError
@@ -39,17 +40,21 @@ class Arguments:
 
 
 def write_damaged(rows: list[data.Row], kind: str, out_dir: Path, seed: int) -> list[Path]:
+    """Each picture, then the CSV naming them, written whole (files.py); an older CSV is
+    removed first, as it would name pictures about to change."""
     folder = out_dir / kind.replace(" ", "_")
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "data.csv").unlink(missing_ok=True)
     paths = []
-    with open(folder / "data.csv", "w", newline="", encoding="utf-8") as f:
+    for i, row in enumerate(rows):
+        damaged = damage.check(kind, data.load_image(row.image_path), seed, i)
+        paths.append(folder / "images" / f"{i:05d}.png")
+        with files.replacing(paths[-1]) as temporary:
+            damaged.save(temporary)
+    with files.replacing(folder / "data.csv") as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(data.COLUMNS)
-        for i, row in enumerate(rows):
-            damaged = damage.check(kind, data.load_image(row.image_path), seed, i)
-            paths.append(folder / "images" / f"{i:05d}.png")
-            damaged.save(paths[-1])
-            writer.writerow([f"images/{i:05d}.png", row.dsl])
+        writer.writerows([f"images/{i:05d}.png", row.dsl] for i, row in enumerate(rows))
     return paths
 
 
@@ -74,3 +79,6 @@ if __name__ == "__main__":
     except (data.DataError, CheckpointError) as error:
         print(f"robustness.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except files.DiskFull as error:
+        print(f"robustness.py: error: {error.strerror}", file=sys.stderr)
+        sys.exit(1)
