@@ -66,7 +66,7 @@ class Reader:
         marked = lambda tokens: [embed([c["image_start_id"]]), tokens, embed([c["image_end_id"]])]
         prompt = [embed(c["instruction_ids"])]
         if c["examples"]:
-            shown = self.image_tokens([Image.open(self.folder / e["image"]).convert("RGB") for e in c["examples"]])
+            shown = self.image_tokens([open_picture(self.folder / e["image"]) for e in c["examples"]])
             for tokens, example in zip(shown, c["examples"]):
                 prompt += marked(tokens) + [embed(example["dsl_ids"])]
         texts = []

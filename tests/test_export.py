@@ -91,33 +91,54 @@ def test_base_model_is_a_hub_id_or_nothing(tmp_path):
     assert export.local_name(str(tmp_path / "gone" / "model.gguf")) == "model.gguf"  # moved or not, a path
 
 
-def test_read_py_reads_like_inference_py_without_the_repo(exported, tiny_dataset, tmp_path):
-    """read.py against inference.py (grammar decoding, its default) on test.csv, picture by picture;
-    the card's score is read.py's."""
-    run_dir, out = exported
-    rows = data.read_dataset(tiny_dataset / "test.csv")[0]
-    pictures = [str(row.image_path) for row in rows]
+def readings(output):
+    """(picture, DSL) of each `# PICTURE` block that read.py or inference.py printed."""
+    blocks = output.split("# ")[1:]
+    return [(block.split("\n", 1)[0].split(" (")[0], block.split("\n", 1)[1].strip()) for block in blocks]
+
+
+def read_both(run_dir, out, pictures, folder):
+    """What inference.py (grammar decoding, its default) and the export's read.py, run in a folder
+    of its own with nothing of the repo importable, read in the pictures."""
     expected = run_script("inference.py", "--checkpoint", str(run_dir), "--dtype", "float32", *pictures)
     assert expected.returncode == 0, expected.stderr[-2000:]
-    # In a folder of its own, with nothing of the repo importable: only the five libraries.
-    script = tmp_path / "read.py"
+    script = folder / "read.py"
     script.write_text((out / "read.py").read_text())
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = run_script(str(script), str(out), *pictures, cwd=tmp_path, env=environment)
+    result = run_script(str(script), str(out), *pictures, cwd=folder, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     imports = [line.split()[1] for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
     assert {name.split(".")[0] for name in imports} <= {"json", "re", "sys", "pathlib", "open_clip", "torch", "PIL",
                                                         "safetensors", "transformers"}
+    return readings(result.stdout), readings(expected.stdout)
 
-    def readings(output):
-        blocks = output.split("# ")[1:]
-        return [(block.split("\n", 1)[0].split(" (")[0], block.split("\n", 1)[1].strip()) for block in blocks]
 
-    assert readings(result.stdout) == readings(expected.stdout)
-    assert [path for path, _ in readings(result.stdout)] == pictures
-    assert all(dsl.is_valid(text) and dsl.canonical(text).strip() == text for _, text in readings(result.stdout))
-    scores = dsl.score([text for _, text in readings(result.stdout)], [row.dsl for row in rows])
+def test_read_py_reads_like_inference_py_without_the_repo(exported, tiny_dataset, tmp_path):
+    """On test.csv, picture by picture; the card's score is read.py's."""
+    run_dir, out = exported
+    rows = data.read_dataset(tiny_dataset / "test.csv")[0]
+    pictures = [str(row.image_path) for row in rows]
+    read, expected = read_both(run_dir, out, pictures, tmp_path)
+    assert read == expected and [path for path, _ in read] == pictures
+    assert all(dsl.is_valid(text) and dsl.canonical(text).strip() == text for _, text in read)
+    scores = dsl.score([text for _, text in read], [row.dsl for row in rows])
     assert f"exact match {scores['exact_match']:.4f}" in (out / "README.md").read_text()
+
+
+def test_read_py_reads_pooled_features_and_text_targets_like_inference_py(tiny_llm, tiny_clip, tiny_dataset,
+                                                                          tmp_path):
+    """The other paths: CLIP's pooled embedding (every block exported), and text written
+    without the grammar."""
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--image_features",
+                                                  "pooled", "--quadrant_loss", "0", "--projector_warmup_epochs", "0",
+                                                  "--target_format", "text"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("export.py", str(run_dir), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pictures = [str(p) for p in sorted((tiny_dataset / "images").glob("test_*.png"))]
+    read, expected = read_both(run_dir, out, pictures, tmp_path)
+    assert read == expected and len(read) == len(pictures)
 
 
 def test_read_py_called_wrong_is_one_line_and_status_2(exported, tmp_path):
