@@ -1,19 +1,37 @@
-"""export.py: a standalone folder that transformers loads and read.py reads without this repo's code."""
+"""export.py: a standalone folder that transformers loads and read.py reads without this repo's code,
+written whole or not at all, its card scored by read.py itself and naming no local path."""
 
 import csv
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import checkpoint
 import data
 import dsl
+import export
+import files
 import model
 import read_exported
+from conftest import ROOT
+from killing import kill_at_random_points
 from model import DiagramReader
 from test_finetune import run_script, tiny_args
+
+
+def listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
 
 
 @pytest.fixture(scope="module")
@@ -43,34 +61,117 @@ def test_the_llm_loads_with_transformers_alone_with_the_dsl_tokens(exported):
 def test_the_card_has_hub_front_matter_and_the_measured_scores(exported):
     _, out = exported
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "pipeline_tag: image-text-to-text" in card and "base_model:" in card
+    assert card.startswith("---\n") and "pipeline_tag: image-text-to-text" in card
     assert "library_name: transformers" in card and "exact match" in card and "measured 20" in card
+    assert "read by `read.py`" in card and "follows the DSL's grammar" in card
     config = json.loads((out / "reader_config.json").read_text())
     assert len(config["examples"]) == 1 and (out / config["examples"][0]["image"]).is_file()
 
 
-def test_read_py_reads_like_inference_py_without_the_repo(exported, tiny_dataset, tmp_path):
+def test_the_export_names_no_local_path(exported, tiny_llm, tiny_clip, tiny_dataset, tmp_path_factory):
+    """The LLM was a local folder and the CLIP a local config file: the card and reader_config.json
+    name them by their names alone, and base_model (a hub id) is left out."""
     run_dir, out = exported
-    pictures = [str(p) for p in sorted((tiny_dataset / "images").glob("test_*.png"))]
-    expected = run_script("inference.py", "--checkpoint", str(run_dir), "--dtype", "float32", "--constrained",
-                          "false", *pictures)
+    paths = {str(p) for place in (run_dir, tiny_llm, tiny_clip, tiny_dataset, tmp_path_factory.getbasetemp())
+             for p in (Path(place), Path(place).resolve())}
+    for file in out.rglob("*"):
+        if file.is_file():
+            content = file.read_bytes()
+            assert not [p for p in paths if p.encode() in content], file
+    assert "base_model" not in (out / "README.md").read_text()
+    trained_with = json.loads((out / "reader_config.json").read_text())["trained_with"]
+    assert trained_with["llm"] == Path(tiny_llm).name and trained_with["clip_model"] == Path(tiny_clip).name
+    assert "lora_dropout" not in trained_with  # how training ran is not what the model is
+
+
+def test_base_model_is_a_hub_id_or_nothing(tmp_path):
+    assert export.hub_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert export.hub_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert export.hub_id(str(tmp_path)) is None and export.hub_id("llama3.1-8b-shape") is None
+    assert export.local_name(str(tmp_path / "gone" / "model.gguf")) == "model.gguf"  # moved or not, a path
+
+
+def readings(output):
+    """(picture, DSL) of each `# PICTURE` block that read.py or inference.py printed."""
+    blocks = output.split("# ")[1:]
+    return [(block.split("\n", 1)[0].split(" (")[0], block.split("\n", 1)[1].strip()) for block in blocks]
+
+
+def read_both(run_dir, out, pictures, folder):
+    """What inference.py (grammar decoding, its default) and the export's read.py, run in a folder
+    of its own with nothing of the repo importable, read in the pictures."""
+    expected = run_script("inference.py", "--checkpoint", str(run_dir), "--dtype", "float32", *pictures)
     assert expected.returncode == 0, expected.stderr[-2000:]
-    # In a folder of its own, with nothing of the repo importable: only the five libraries.
-    script = tmp_path / "read.py"
+    script = folder / "read.py"
     script.write_text((out / "read.py").read_text())
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = run_script(str(script), str(out), *pictures, cwd=tmp_path, env=environment)
+    result = run_script(str(script), str(out), *pictures, cwd=folder, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     imports = [line.split()[1] for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
     assert {name.split(".")[0] for name in imports} <= {"json", "re", "sys", "pathlib", "open_clip", "torch", "PIL",
                                                         "safetensors", "transformers"}
+    return readings(result.stdout), readings(expected.stdout)
 
-    def readings(output):
-        blocks = output.split("# ")[1:]
-        return {block.split("\n", 1)[0].split(" (")[0]: dsl.canonical(block.split("\n", 1)[1]).strip() for block in blocks}
 
-    assert readings(result.stdout) == readings(expected.stdout)
-    assert len(readings(result.stdout)) == len(pictures)
+def test_read_py_reads_like_inference_py_without_the_repo(exported, tiny_dataset, tmp_path):
+    """On test.csv, picture by picture; the card's score is read.py's."""
+    run_dir, out = exported
+    rows = data.read_dataset(tiny_dataset / "test.csv")[0]
+    pictures = [str(row.image_path) for row in rows]
+    read, expected = read_both(run_dir, out, pictures, tmp_path)
+    assert read == expected and [path for path, _ in read] == pictures
+    assert all(dsl.is_valid(text) and dsl.canonical(text).strip() == text for _, text in read)
+    scores = dsl.score([text for _, text in read], [row.dsl for row in rows])
+    assert f"exact match {scores['exact_match']:.4f}" in (out / "README.md").read_text()
+
+
+def test_read_py_reads_pooled_features_and_text_targets_like_inference_py(tiny_llm, tiny_clip, tiny_dataset,
+                                                                          tmp_path):
+    """The other paths: CLIP's pooled embedding (every block exported), and text written
+    without the grammar."""
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--image_features",
+                                                  "pooled", "--quadrant_loss", "0", "--projector_warmup_epochs", "0",
+                                                  "--target_format", "text"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("export.py", str(run_dir), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pictures = [str(p) for p in sorted((tiny_dataset / "images").glob("test_*.png"))]
+    read, expected = read_both(run_dir, out, pictures, tmp_path)
+    assert read == expected and len(read) == len(pictures)
+
+
+def test_read_py_called_wrong_is_one_line_and_status_2(exported, tmp_path):
+    _, out = exported
+    script = tmp_path / "read.py"
+    script.write_text((out / "read.py").read_text())
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("not a picture")
+    for arguments, said in (((), "usage: python read.py"), ((str(tmp_path), "x.png"), "not a folder that export.py"),
+                            ((str(out), str(not_a_picture), str(tmp_path / "gone.png")), "cannot be opened")):
+        result = run_script(str(script), *arguments, cwd=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and all(said in line for line in lines), result.stderr[-2000:]
+        assert len(lines) == max(1, len(arguments) - 1) and not result.stdout
+
+
+@pytest.mark.parametrize("position_first", [False, True], ids=["tags", "tags_position_first"])
+def test_read_py_grammar_is_the_dsl_grammar(position_first):
+    """read.py's copy of the grammar, on the vocabulary export.py writes, against dsl.next_tags on
+    every prefix of every diagram; its canonical text against dsl's."""
+    for diagram in dsl.all_diagrams():
+        tags = dsl.to_tags(diagram, position_first)
+        for i in range(len(tags) + 1):
+            assert read_exported.next_tags(tags[:i], export.GRAMMAR, position_first) == \
+                dsl.next_tags(tags[:i], position_first), tags[:i]
+        assert read_exported.canonical("".join(tags), export.GRAMMAR, position_first) == dsl.to_text(diagram)
+    texts = ["", "hello", "<StartDiagram><EndDiagram>", "<StartDiagram> <Large> <Circle> <TopLeft>",
+             "<StartDiagram>\n<Small> <Square> <BottomRight>\n <Large><Circle><TopLeft>\n<EndDiagram>\n",
+             "<StartDiagram><Large><Circle><TopLeft><Small><Square><TopLeft><EndDiagram>",
+             "<StartDiagram><Large><Circle><TopLeft><EndDiagram> more", "<StartDiagram><Large><Circle><Top><EndDiagram>",
+             "<StartDiagram><Large><TopLeft><Circle><EndDiagram>", "<StartDiagram><Huge><Circle><TopLeft><EndDiagram>"]
+    for text in texts:  # text written without the grammar (target_format text)
+        assert read_exported.canonical(text, export.GRAMMAR, False) == dsl.canonical(text), text
 
 
 def test_export_refuses_a_folder_that_is_not_empty_and_a_checkpoint_that_is_not_one(exported, tmp_path):
@@ -81,14 +182,104 @@ def test_export_refuses_a_folder_that_is_not_empty_and_a_checkpoint_that_is_not_
     assert result.returncode == 2 and "no checkpoint at" in result.stderr and not (tmp_path / "new").exists()
 
 
+def test_a_bad_eval_csv_is_one_line_and_status_2_with_nothing_written(exported, tmp_path):
+    run_dir, _ = exported
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,text\nx.png,<StartDiagram>\n")
+    result = run_script("export.py", str(run_dir), str(tmp_path / "out"), "--eval_csv", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(error_lines(result.stderr)) == 1 and "bad.csv" in error_lines(result.stderr)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+def test_a_full_disk_is_one_line_and_status_1_with_nothing_left(exported, tmp_path):
+    """The projector's write (after the LLM's) finds the disk full."""
+    run_dir, _ = exported
+    out = tmp_path / "out"
+    script = f"""
+import errno, runpy, sys
+import safetensors.torch
+save_file = safetensors.torch.save_file
+def full(tensors, filename, *args, **kwargs):
+    if str(filename).endswith("projector.safetensors"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save_file(tensors, filename, *args, **kwargs)
+safetensors.torch.save_file = full
+sys.argv = ["export.py", {str(run_dir)!r}, {str(out)!r}]
+runpy.run_path("export.py", run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("export.py: error: the disk is full: could not write ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_killed_export_leaves_the_whole_export_or_nothing(exported, tiny_dataset, tmp_path):
+    """export() killed at 20 random points, in a child forked from a loaded checkpoint: OUT_DIR is
+    the whole export or absent (a hidden temporary folder aside), and exporting again works."""
+    run_dir, whole = exported
+    folder = checkpoint.find(run_dir)[0]
+    reader = DiagramReader.from_pretrained(folder, merge=True)
+    state = checkpoint.read_state(folder)
+    args = export.Arguments(eval_csv=str(tiny_dataset / "test.csv"))
+    rows = data.read_dataset(args.eval_csv)[0]
+    out = tmp_path / "reader"
+    outcomes = []
+
+    def export_once():
+        export.export(reader, state, out, args, rows)
+
+    def write():
+        torch.set_num_threads(1)  # in a forked child torch's thread pool is gone: waiting on it would hang
+        export_once()
+
+    def is_whole():
+        config = json.loads((out / "reader_config.json").read_text())
+        return listing(out) == listing(whole) and config == json.loads((whole / "reader_config.json").read_text())
+
+    def check(_):
+        assert {p.name for p in tmp_path.iterdir()} <= {"reader", files.TEMPORARY + "reader"}
+        outcomes.append(out.exists())
+        if out.exists():
+            assert is_whole()
+        elif outcomes.count(False) == 1:  # once, over what the kill left: a new export into the same OUT_DIR
+            export_once()
+            assert is_whole() and [p.name for p in tmp_path.iterdir()] == ["reader"]
+
+    kill_at_random_points(write, check, kills=20, seed=0, before=lambda: shutil.rmtree(out, ignore_errors=True))
+    assert False in outcomes, "some kills should land inside the export"
+
+
 def test_push_to_hub_offline_is_one_line(exported, tmp_path):
     run_dir, _ = exported
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = run_script("export.py", str(run_dir), str(tmp_path / "out"), "--push_to_hub", "someone/reader",
                         env=environment)
     assert result.returncode == 1 and (tmp_path / "out" / "read.py").is_file()
+    assert "a private repository" in result.stdout
     lines = [line for line in result.stderr.splitlines() if "could not upload" in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr and "--private" in lines[0]
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_push_to_hub_says_whether_the_repository_is_private(private, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+
+    class Hub:
+        def create_repo(self, repo_id, **options):
+            calls.append(("create_repo", repo_id, options))
+
+        def upload_folder(self, **options):
+            calls.append(("upload_folder", options["repo_id"], options))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    assert export.push(tmp_path, "someone/reader", private) == 0
+    assert calls[0] == ("create_repo", "someone/reader", {"private": private, "exist_ok": True})
+    said = capsys.readouterr().out
+    assert f"a {'private' if private else 'public'} repository" in said
 
 
 def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_dataset):
