@@ -3,11 +3,15 @@ drawn beside it, the confidence, the agreement, and a flag when the reading is d
 
     python app.py --checkpoint checkpoints        # then open http://127.0.0.1:7860
 
-Offline: no analytics, no share link, the page's fonts served by the page itself.
+Offline: no analytics, no share link, the page's fonts served by the page itself. It serves
+its example pictures (Gradio's copies of them) and what it makes, and no other file: it allows
+Gradio no path, and the folders whose files Gradio serves are the page's own (unless
+GRADIO_TEMP_DIR names one).
 """
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +93,9 @@ def page(reader, args: Arguments, examples: list[str]) -> gr.Blocks:
         outputs = [text, beside, confidence, agreement, verdict]
         # The uploaded file as it came (preprocess=False): read() names what is wrong with one that is no picture.
         upload.change(lambda file: read(reader, args.doubtful_below, file and file["path"]), upload, outputs,
-                      preprocess=False)
-        button.click(lambda drawn: read(reader, args.doubtful_below, drawing(drawn)), sketch, outputs)
+                      preprocess=False, api_name="read_upload")
+        button.click(lambda drawn: read(reader, args.doubtful_below, drawing(drawn)), sketch, outputs,
+                     api_name="read_drawing")
     return demo
 
 
@@ -98,8 +103,15 @@ def main(args: Arguments) -> None:
     csv = Path(args.examples_csv)
     examples = [str(row.image_path) for row in data.read_dataset(csv, True)[0][:8]] if csv.is_file() else []
     reader = inference.load(inference.Arguments(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype))
-    page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-                                        allowed_paths=[str(csv.resolve().parent)] if examples else [], footer_links=[])
+    with tempfile.TemporaryDirectory(prefix="app-") as own_folder:
+        # Gradio serves every file in its temporary folder (uploads, what the page draws, the copies
+        # it makes of the examples when the page is built) and in its examples cache. By default
+        # those are /tmp/gradio, shared by every Gradio app on the machine, and ./.gradio.
+        os.environ.setdefault("GRADIO_TEMP_DIR", own_folder)
+        os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(own_folder, "cached_examples"))
+        # No allowed_paths: the examples are served from Gradio's copies, and nothing else on the disk.
+        page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False,
+                                            ssr_mode=False, footer_links=[])
 
 
 if __name__ == "__main__":

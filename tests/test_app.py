@@ -1,18 +1,25 @@
 """app.py: its page, in a real headless browser (Debian's chromium and chromedriver), reads a
 test picture as inference.py does, shows the confidence and the agreement, asks nothing of
-any address but its own, and answers a file that is not a picture in one line.
+any address but its own, and answers a file that is not a picture in one line. Over plain
+HTTP: it serves its example pictures and what it makes, and no other file through any of
+Gradio's routes.
 
 A screenshot of the page is saved in the test's folder, and also at $APP_SCREENSHOT when set.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +77,46 @@ def wait_for_page(url: str, server: subprocess.Popen, log: Path, seconds: float 
         except OSError:
             time.sleep(1)
     pytest.fail(f"app.py did not answer at {url} within {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, *flags: str, env: dict, cwd: Path | None = None):
+    """app.py running with `flags` in `env`, its output in tmp_path/app.log; stopped with Ctrl-C
+    (SIGINT), as a user stops it, so that it cleans up after itself."""
+    log = tmp_path / "app.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, "--dtype", "float32"],
+                                  cwd=cwd or tmp_path, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield server, log
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def get(url: str | urllib.request.Request, opener=None) -> tuple[int, bytes]:
+    """(status, body) of a request (a GET unless it holds data), an error status included."""
+    try:
+        with (opener or urllib.request.build_opener()).open(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def call(url: str, api_name: str, *inputs) -> list | None:
+    """An event of the page through Gradio's API, as the browser triggers it: its outputs, or
+    None when it ends in an error."""
+    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", json.dumps({"data": list(inputs)}).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=120) as response:
+        kind, data = re.search(r"event: (\w+)\ndata: (.*)\n", response.read().decode()).groups()
+    return json.loads(data) if kind == "complete" else None
 
 
 def test_the_page_reads_an_upload_as_inference_py_does(trained_run, tiny_dataset, tmp_path):
@@ -165,3 +212,67 @@ def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_p
     assert app.drawing({"composite": empty}) is None and app.drawing(None) is None
     empty.putpixel((10, 10), (0, 0, 0, 255))
     assert app.drawing({"composite": empty}) is not None
+
+
+# Every route of Gradio 6 that answers with a file: gradio_api/ is its API's prefix, the bare
+# file routes are its static workers'; static/, assets/ and svelte/ serve its own package.
+FILE_ROUTES = ["gradio_api/file=", "gradio_api/file/", "file=", "file/", "static/", "assets/", "svelte/",
+               "gradio_api/custom_component/image/client/", "gradio_api/proxy=", "gradio_api/file=file://"]
+
+
+def ways_to_name(file: Path, cwd: Path, folder: str) -> set[str]:
+    """`file` as a request can name it: absolute, relative to the server's cwd, climbing out of
+    the root and out of `folder` (one the page serves) with ../, each also URL-encoded two ways."""
+    climbing = "../" * 12 + str(file).lstrip("/")
+    paths = [str(file), os.path.relpath(file, cwd), climbing, f"{folder}/{climbing}", f"{folder}/../{file.name}"]
+    return {way for path in paths
+            for way in (path, urllib.parse.quote(path, safe=""), path.replace("..", "%2e%2e"))}
+
+
+def test_the_page_serves_its_examples_and_what_it_makes_and_no_other_file(trained_run, tiny_dataset, tmp_path):
+    # A clone as its users run the page: from the repo, with the examples' test.csv beside the code.
+    repo, temporary = tmp_path / "repo", tmp_path / "tmp"
+    shutil.copytree(tiny_dataset, repo)
+    secrets = [repo / ".git" / "config", repo / "README.md", repo / "test.csv", trained_run / "log.jsonl",
+               # What other Gradio apps leave where Gradio keeps the files it serves by default.
+               temporary / "gradio" / "0" / "other.txt", repo / ".gradio" / "cached_examples" / "0" / "other.txt"]
+    for secret in secrets:
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        if not secret.exists():
+            secret.write_text(f"the secret content of {secret.name}\n")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GRADIO_")}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with serving(tmp_path, "--checkpoint", str(trained_run), "--port", str(port), cwd=repo,
+                 env={**env, "TMPDIR": str(temporary)}) as (server, log):
+        wait_for_page(url, server, log)
+
+        # The examples, as the browser gets them: the URLs in the page's config, Gradio's copies.
+        dataset, = [c for c in json.loads(get(url + "config")[1])["components"] if c["type"] == "dataset"]
+        examples = [sample[0] for sample in dataset["props"]["samples"]]
+        originals = sorted((repo / "images").glob("test_*.png"))
+        assert len(examples) == len(originals) == 6
+        for example, original in zip(examples, originals):
+            assert get(example["url"]) == (200, original.read_bytes()) and str(temporary) in example["path"]
+
+        # An example clicked: what the page makes (the prediction drawn beside the input) is served.
+        loaded, = call(url, "load_example", 0)
+        text, beside, *_ = call(url, "read_upload", loaded["value"])
+        status, body = get(beside["url"])
+        assert text.startswith("<StartDiagram>") and status == 200 and Image.open(io.BytesIO(body)).size == (448, 224)
+        # A file on the server's disk, named in an event instead of uploaded, is not read.
+        for file in (repo / ".git" / "config", originals[0]):
+            assert call(url, "read_upload", {"path": str(file), "meta": {"_type": "gradio.FileData"}}) is None
+
+        served_folder = str(Path(examples[0]["path"]).parent)
+        leaks = []
+        for secret in secrets:
+            content = secret.read_bytes()[:200]
+            for way in sorted(ways_to_name(secret, repo, served_folder)):
+                for route in FILE_ROUTES:
+                    status, body = get(url + route + way)
+                    if status == 200 and content in body:
+                        leaks.append(f"{route}{way}")
+        assert not leaks, f"{len(leaks)} requests got a file the page must not serve: {leaks[:10]}"
+        assert get(url)[0] == 200
+    assert server.returncode == 0 and not list(temporary.glob("app-*")), "the page's own folder is left behind"
