@@ -23,8 +23,7 @@ import settings
 from model import CheckpointError
 from settings import setting
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported, which calls home otherwise
-import gradio as gr  # noqa: E402
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported (in page), which calls home otherwise
 
 
 @dataclass
@@ -32,10 +31,25 @@ class Arguments:
     checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
     doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence (or agreement below 1)")
-    port: int = setting(7860, "the port to serve the page on")
-    host: str = setting("127.0.0.1", "the address to serve on (0.0.0.0: every network interface)")
+    port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
+    host: str | None = setting(None, "the address to serve on (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; "
+                                     "0.0.0.0: every network interface)")
+    auth: str = setting("", "USER:PASSWORD: ask every visitor to log in (empty: no login)")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+
+    def __post_init__(self):
+        # Gradio's own variables, which its users and hosted Spaces set; a flag wins. The port's is
+        # checked even then: gradio reads it too, when imported.
+        self.host = self.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+        port = os.environ.get("GRADIO_SERVER_PORT", "7860")
+        if not (port.isdigit() and int(port) <= 65535):
+            raise settings.SettingsError(f"GRADIO_SERVER_PORT={port}: not a port number (0 to 65535)")
+        self.port = int(port) if self.port is None else self.port
+        settings.check(0 <= self.port <= 65535, "port", self.port, "a port number is 0 to 65535")
+        user, _, password = self.auth.partition(":")
+        if self.auth and not (user and password):  # the value is not repeated: it holds a password
+            raise settings.SettingsError("--auth: expected USER:PASSWORD, neither empty")
 
 
 def on_white(image: Image.Image) -> Image.Image:
@@ -69,7 +83,11 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
             round(agreement, 2), verdict)
 
 
-def page(reader, args: Arguments, examples: list[str]) -> gr.Blocks:
+def page(reader, args: Arguments, examples: list[str]):
+    """The page, as Gradio Blocks. Gradio is imported here, once the settings are checked: it
+    reads GRADIO_SERVER_PORT when imported, and a bad one would end in a traceback there."""
+    import gradio as gr
+
     with gr.Blocks(title="Diagrams to DSL", analytics_enabled=False) as demo:
         gr.Markdown("## Diagrams to DSL\nUpload a picture of a diagram, or draw one, and the model reads it.")
         with gr.Row():
@@ -111,6 +129,7 @@ def main(args: Arguments) -> None:
         os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(own_folder, "cached_examples"))
         # No allowed_paths: the examples are served from Gradio's copies, and nothing else on the disk.
         page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False,
+                                            auth=tuple(args.auth.split(":", 1)) if args.auth else None,
                                             ssr_mode=False, footer_links=[])
 
 

@@ -2,12 +2,13 @@
 test picture as inference.py does, shows the confidence and the agreement, asks nothing of
 any address but its own, and answers a file that is not a picture in one line. Over plain
 HTTP: it serves its example pictures and what it makes, and no other file through any of
-Gradio's routes.
+Gradio's routes; it takes its port and address from Gradio's variables, and can ask a login.
 
 A screenshot of the page is saved in the test's folder, and also at $APP_SCREENSHOT when set.
 """
 
 import contextlib
+import http.cookiejar
 import io
 import json
 import os
@@ -276,3 +277,37 @@ def test_the_page_serves_its_examples_and_what_it_makes_and_no_other_file(traine
         assert not leaks, f"{len(leaks)} requests got a file the page must not serve: {leaks[:10]}"
         assert get(url)[0] == 200
     assert server.returncode == 0 and not list(temporary.glob("app-*")), "the page's own folder is left behind"
+
+
+def test_port_and_address_from_gradios_variables_a_flag_wins_and_a_login(trained_run, tmp_path, monkeypatch):
+    import app
+
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    assert (app.Arguments().port, app.Arguments().host) == (7000, "0.0.0.0")
+    assert (app.Arguments(port=7001).port, app.Arguments(host="127.0.0.1").host) == (7001, "127.0.0.1")
+    monkeypatch.delenv("GRADIO_SERVER_PORT")
+    monkeypatch.delenv("GRADIO_SERVER_NAME")
+    assert (app.Arguments().port, app.Arguments().host) == (7860, "127.0.0.1")
+
+    # Each mistake in one line, status 2, before the model is loaded.
+    for variables, flags, error in [({"GRADIO_SERVER_PORT": "78x0"}, (), "GRADIO_SERVER_PORT=78x0: not a port number"),
+                                    ({}, ("--port", "65536"), "--port 65536: a port number is 0 to 65535"),
+                                    ({}, ("--auth", "ada"), "--auth: expected USER:PASSWORD, neither empty")]:
+        result = run_script("app.py", "--checkpoint", str(trained_run), *flags, env={**os.environ, **variables})
+        assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith(f"app.py: error: {error}")
+        assert "Traceback" not in result.stderr, result.stderr
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "localhost",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    with serving(tmp_path, "--checkpoint", str(trained_run), "--auth", "ada:lovelace", env=env) as (server, log):
+        url = f"http://localhost:{port}/"
+        wait_for_page(url, server, log)
+        assert f"Running on local URL:  {url[:-1]}" in log.read_text()
+        assert get(url + "config")[0] == 401  # nothing but the login form without a login
+        browser_session = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        for password, status in [("babbage", 400), ("lovelace", 200)]:
+            form = urllib.parse.urlencode({"username": "ada", "password": password}).encode()
+            assert get(urllib.request.Request(url + "login", form), browser_session)[0] == status
+        assert get(url + "config", browser_session)[0] == 200
