@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 import data
+import files
 import inference
 import settings
 from model import CheckpointError
@@ -138,5 +139,8 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except (data.DataError, CheckpointError, ValueError, OSError) as error:  # OSError: the port is taken
+        if files.is_disk_full(error):  # writing Gradio's copies of the examples; the page's folder is gone
+            print(f"app.py: error: the disk is full: {error}. Free some space and run again", file=sys.stderr)
+            sys.exit(1)
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,8 @@
 test picture as inference.py does, shows the confidence and the agreement, asks nothing of
 any address but its own, and answers a file that is not a picture in one line. Over plain
 HTTP: it serves its example pictures and what it makes, and no other file through any of
-Gradio's routes; it takes its port and address from Gradio's variables, and can ask a login.
+Gradio's routes; it takes its port and address from Gradio's variables, and can ask a login;
+a full disk is one line.
 
 A screenshot of the page is saved in the test's folder, and also at $APP_SCREENSHOT when set.
 """
@@ -175,6 +176,23 @@ def test_the_page_reads_an_upload_as_inference_py_does(trained_run, tiny_dataset
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_a_full_disk_is_one_line_and_status_1_and_leaves_nothing(trained_run, tiny_dataset, tmp_path):
+    # The page's first write: Gradio's copies of the examples, in the page's own folder.
+    code = ("import errno, runpy, shutil, sys\n"
+            "def full(source, target, *rest, **kwargs):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device', str(target))\n"
+            "shutil.copy2 = full\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            f"runpy.run_path({str(ROOT / 'app.py')!r}, run_name='__main__')\n")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GRADIO_")}
+    result = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(trained_run), "--examples_csv",
+                             str(tiny_dataset / "test.csv"), "--dtype", "float32"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**env, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith("app.py: error: the disk is full: ")
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("app-*"))
 
 
 class FixedReader:
