@@ -3,24 +3,28 @@ drawn beside it, the confidence, the agreement, and a flag when the reading is d
 
     python app.py --checkpoint checkpoints        # then open http://127.0.0.1:7860
 
-Offline: no analytics, no share link, the page's fonts served by the page itself.
+Offline: no analytics, no share link, the page's fonts served by the page itself. It serves
+its example pictures (Gradio's copies of them) and what it makes, and no other file: it allows
+Gradio no path, and the folders whose files Gradio serves are the page's own (unless
+GRADIO_TEMP_DIR names one).
 """
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 import data
+import files
 import inference
 import settings
 from model import CheckpointError
 from settings import setting
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported, which calls home otherwise
-import gradio as gr  # noqa: E402
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported (in page), which calls home otherwise
 
 
 @dataclass
@@ -28,10 +32,25 @@ class Arguments:
     checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
     doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence (or agreement below 1)")
-    port: int = setting(7860, "the port to serve the page on")
-    host: str = setting("127.0.0.1", "the address to serve on (0.0.0.0: every network interface)")
+    port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
+    host: str | None = setting(None, "the address to serve on (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; "
+                                     "0.0.0.0: every network interface)")
+    auth: str = setting("", "USER:PASSWORD: ask every visitor to log in (empty: no login)")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+
+    def __post_init__(self):
+        # Gradio's own variables, which its users and hosted Spaces set; a flag wins. The port's is
+        # checked even then: gradio reads it too, when imported.
+        self.host = self.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+        port = os.environ.get("GRADIO_SERVER_PORT", "7860")
+        if not (port.isdigit() and int(port) <= 65535):
+            raise settings.SettingsError(f"GRADIO_SERVER_PORT={port}: not a port number (0 to 65535)")
+        self.port = int(port) if self.port is None else self.port
+        settings.check(0 <= self.port <= 65535, "port", self.port, "a port number is 0 to 65535")
+        user, _, password = self.auth.partition(":")
+        if self.auth and not (user and password):  # the value is not repeated: it holds a password
+            raise settings.SettingsError("--auth: expected USER:PASSWORD, neither empty")
 
 
 def on_white(image: Image.Image) -> Image.Image:
@@ -65,7 +84,11 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
             round(agreement, 2), verdict)
 
 
-def page(reader, args: Arguments, examples: list[str]) -> gr.Blocks:
+def page(reader, args: Arguments, examples: list[str]):
+    """The page, as Gradio Blocks. Gradio is imported here, once the settings are checked: it
+    reads GRADIO_SERVER_PORT when imported, and a bad one would end in a traceback there."""
+    import gradio as gr
+
     with gr.Blocks(title="Diagrams to DSL", analytics_enabled=False) as demo:
         gr.Markdown("## Diagrams to DSL\nUpload a picture of a diagram, or draw one, and the model reads it.")
         with gr.Row():
@@ -89,8 +112,9 @@ def page(reader, args: Arguments, examples: list[str]) -> gr.Blocks:
         outputs = [text, beside, confidence, agreement, verdict]
         # The uploaded file as it came (preprocess=False): read() names what is wrong with one that is no picture.
         upload.change(lambda file: read(reader, args.doubtful_below, file and file["path"]), upload, outputs,
-                      preprocess=False)
-        button.click(lambda drawn: read(reader, args.doubtful_below, drawing(drawn)), sketch, outputs)
+                      preprocess=False, api_name="read_upload")
+        button.click(lambda drawn: read(reader, args.doubtful_below, drawing(drawn)), sketch, outputs,
+                     api_name="read_drawing")
     return demo
 
 
@@ -98,8 +122,16 @@ def main(args: Arguments) -> None:
     csv = Path(args.examples_csv)
     examples = [str(row.image_path) for row in data.read_dataset(csv, True)[0][:8]] if csv.is_file() else []
     reader = inference.load(inference.Arguments(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype))
-    page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-                                        allowed_paths=[str(csv.resolve().parent)] if examples else [], footer_links=[])
+    with tempfile.TemporaryDirectory(prefix="app-") as own_folder:
+        # Gradio serves every file in its temporary folder (uploads, what the page draws, the copies
+        # it makes of the examples when the page is built) and in its examples cache. By default
+        # those are /tmp/gradio, shared by every Gradio app on the machine, and ./.gradio.
+        os.environ.setdefault("GRADIO_TEMP_DIR", own_folder)
+        os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(own_folder, "cached_examples"))
+        # No allowed_paths: the examples are served from Gradio's copies, and nothing else on the disk.
+        page(reader, args, examples).launch(server_name=args.host, server_port=args.port, share=False,
+                                            auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+                                            ssr_mode=False, footer_links=[])
 
 
 if __name__ == "__main__":
@@ -107,5 +139,8 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except (data.DataError, CheckpointError, ValueError, OSError) as error:  # OSError: the port is taken
+        if files.is_disk_full(error):  # writing Gradio's copies of the examples; the page's folder is gone
+            print(f"app.py: error: the disk is full: {error}. Free some space and run again", file=sys.stderr)
+            sys.exit(1)
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)
