@@ -18,7 +18,6 @@ no CSV or a whole new one, and no half-drawn picture.
 
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import os
 import random
@@ -30,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import damage
+import data
 import dsl
 import files
 import renderer
@@ -93,10 +93,8 @@ def write_split(rows, csv_path: Path, args: Arguments, damage_share: float = 0.0
     except BaseException:
         files.recover(csv_path.parent / "images")  # the pool stopped its workers, maybe mid-picture
         raise
-    with files.replacing(csv_path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_path", "dsl"])
-        writer.writerows(csv_rows)
+    os.sync()  # every picture on the disk before the CSV that names them
+    data.write_csv(csv_path, csv_rows)
 
 
 def draw(job) -> list[str]:
@@ -106,7 +104,7 @@ def draw(job) -> list[str]:
     image = renderer.render(diagram, size, style, rng)
     if rng.random() < damage_share:
         image = damage.random_damage(image, rng)
-    with files.replacing(out_dir / "images" / name) as temporary:
+    with files.replacing(out_dir / "images" / name, durable=False) as temporary:  # synced all at once
         image.save(temporary)
     return [f"images/{name}", dsl.to_text(diagram)]
 
@@ -167,5 +165,5 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except files.DiskFull as error:
-        print(f"create_images.py: error: {error.strerror}", file=sys.stderr)
+        print(f"create_images.py: error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 import dsl
+import files
 
 COLUMNS = ["image_path", "dsl"]
 SHOWN = 5  # bad rows listed in an error message
@@ -59,6 +60,14 @@ def image_problem(path: Path) -> str | None:
     if min(image.size) < MIN_SIDE:
         return f"too small to read ({image.width} x {image.height} pixels; at least {MIN_SIDE} on each side)"
     return None
+
+
+def write_csv(path: str | Path, rows, columns: list[str] = COLUMNS):
+    """A CSV written whole or not at all (files.py): a header, then the rows."""
+    with files.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
 
 
 def read_dataset(csv_path: str | Path, skip_bad_rows: bool = False) -> tuple[list[Row], int]:

@@ -227,7 +227,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main(arguments, *places.places))
     except files.DiskFull as error:
-        print(f"export.py: error: {error.strerror}", file=sys.stderr)
+        print(f"export.py: error: {error}", file=sys.stderr)
         sys.exit(1)
     except (CheckpointError, data.DataError) as error:
         print(f"export.py: error: {error}", file=sys.stderr)

@@ -66,17 +66,21 @@ def _temporary_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def replacing(path: str | Path):
+def replacing(path: str | Path, durable: bool = True):
     """Yield a temporary path beside `path` to write; when the block ends without an error,
-    the file is synced and renamed to `path`. On an error it is removed."""
+    the file is synced and renamed to `path`. On an error it is removed. `durable=False`
+    skips the syncs (the rename alone is whole against a kill, not a power cut): for many
+    small files that the caller syncs at once (os.sync) before anything names them."""
     path = Path(path)
     temporary = _temporary_name(path)
     try:
         yield temporary
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(temporary, path)
-        sync_folder(path.parent)
+        if durable:
+            sync_folder(path.parent)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, Exception) and is_disk_full(error):

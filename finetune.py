@@ -484,5 +484,5 @@ if __name__ == "__main__":
         print(f"finetune.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except files.DiskFull as error:  # raised after the half-written files were removed
-        print(f"finetune.py: error: {error.strerror}", file=sys.stderr)
+        print(f"finetune.py: error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -12,7 +12,6 @@ output is a valid diagram (--constrained false lets the model write anything). W
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from dataclasses import dataclass
@@ -135,12 +134,9 @@ def main(args: Arguments, image_args: list[str]) -> int:
             print(f"  {path}: confidence {confidence:.3f}, agreement {agrees:.2f}", file=sys.stderr)
 
     if args.out:
-        with files.replacing(args.out) as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image_path", "dsl", "valid", "confidence", "agreement"])
-            for path, reading in zip(paths, readings):
-                writer.writerow([str(path), reading.dsl, reading.valid, f"{reading.confidence:.4f}",
-                                 f"{reading.agreement:.2f}"])
+        data.write_csv(args.out, ([str(path), reading.dsl, reading.valid, f"{reading.confidence:.4f}",
+                                   f"{reading.agreement:.2f}"] for path, reading in zip(paths, readings)),
+                       ["image_path", "dsl", "valid", "confidence", "agreement"])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):

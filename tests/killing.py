@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import time
 
 
@@ -47,6 +48,8 @@ def kill_at_random_points(write, check, kills: int = 20, seed: int = 0, before=N
 def _fork(write) -> int:
     pid = os.fork()
     if pid == 0:  # the child: write, then leave without running the parent's exit handlers
+        if "torch" in sys.modules:  # the parent's OpenMP threads are not in the child: waiting on them hangs
+            sys.modules["torch"].set_num_threads(1)
         status = 0
         try:
             write()

@@ -69,7 +69,6 @@ def test_a_killed_save_leaves_the_old_checkpoint_or_the_new_one(saved_run, reade
         shutil.copytree(template, run_dir)
 
     def write():
-        torch.set_num_threads(1)  # the parent's OpenMP threads did not survive the fork: waiting on them hangs
         checkpoint.save(run_dir, "epoch-01", reader, {**NEW_STATE, "data": data}, RESUME_STATE)
 
     def check(_):

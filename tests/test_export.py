@@ -231,7 +231,6 @@ def test_a_killed_export_leaves_the_whole_export_or_nothing(exported, tiny_datas
         export.export(reader, state, out, args, rows)
 
     def write():
-        torch.set_num_threads(1)  # in a forked child torch's thread pool is gone: waiting on it would hang
         export_once()
 
     def is_whole():

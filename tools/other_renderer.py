@@ -15,7 +15,6 @@ training set (it tests the drawing, not unseen diagrams).
 
 from __future__ import annotations
 
-import csv
 import random
 import sys
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import data
 import dsl
 import files
 import settings
@@ -81,10 +81,7 @@ def main(args: Arguments):
         with files.replacing(out / "images" / f"other_{i:05d}.png") as temporary:
             draw(diagram, args.size, rng).save(temporary)
         csv_rows.append([f"images/other_{i:05d}.png", dsl.to_text(diagram)])
-    with files.replacing(out / "data.csv") as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_path", "dsl"])
-        writer.writerows(csv_rows)
+    data.write_csv(out / "data.csv", csv_rows)
     print(f"wrote {args.num} images and {out / 'data.csv'}")
 
 
@@ -93,5 +90,5 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except files.DiskFull as error:
-        print(f"other_renderer.py: error: {error.strerror}", file=sys.stderr)
+        print(f"other_renderer.py: error: {error}", file=sys.stderr)
         sys.exit(1)

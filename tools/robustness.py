@@ -11,7 +11,6 @@ exact match, element F1 and valid rate per kind; the last line is one JSON objec
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from dataclasses import dataclass
@@ -51,10 +50,7 @@ def write_damaged(rows: list[data.Row], kind: str, out_dir: Path, seed: int) -> 
         paths.append(folder / "images" / f"{i:05d}.png")
         with files.replacing(paths[-1]) as temporary:
             damaged.save(temporary)
-    with files.replacing(folder / "data.csv") as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(data.COLUMNS)
-        writer.writerows([f"images/{i:05d}.png", row.dsl] for i, row in enumerate(rows))
+    data.write_csv(folder / "data.csv", ([f"images/{i:05d}.png", row.dsl] for i, row in enumerate(rows)))
     return paths
 
 
@@ -80,5 +76,5 @@ if __name__ == "__main__":
         print(f"robustness.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except files.DiskFull as error:
-        print(f"robustness.py: error: {error.strerror}", file=sys.stderr)
+        print(f"robustness.py: error: {error}", file=sys.stderr)
         sys.exit(1)
