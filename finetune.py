@@ -7,8 +7,9 @@
     accelerate launch finetune.py configs/llama3-8b.yaml  # data-parallel on several GPUs
     python finetune.py --resume auto                      # continue a stopped run where it stopped
 
-Reads data.csv (90% training, 10% validation), logs to output_dir/log.jsonl and Weights &
-Biases (offline when not logged in), and writes checkpoints to output_dir (checkpoint.py).
+Reads data.csv (a tenth of its diagrams, with all their pictures, held out to validate on),
+logs to output_dir/log.jsonl and Weights & Biases (offline when not logged in), and writes
+checkpoints to output_dir (checkpoint.py).
 The model's settings are model.ModelConfig; the training's are TrainConfig below.
 """
 

@@ -82,6 +82,14 @@ def test_inference_evaluates_a_csv_and_ends_with_json(trained_run, tiny_dataset,
     assert (tmp_path / "p.csv").read_text().startswith("image_path,dsl,valid")
 
 
+def test_inference_on_a_full_disk_says_so_in_one_line_and_leaves_no_file(trained_run, tiny_dataset, full_disk):
+    result = run_script("inference.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
+                        "--dtype", "float32", "--out", str(full_disk / "predictions.csv"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("inference.py: error: the disk is full: could not write")
+    assert "Traceback" not in result.stderr and sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
 def test_inference_reports_bad_image_paths_and_reads_the_rest(trained_run, tiny_dataset, tmp_path):
     (tmp_path / "notes.png").write_text("no image")
     good = sorted((tiny_dataset / "images").glob("test_*.png"))[0]
