@@ -135,8 +135,15 @@ def test_damage_changes_about_that_share_of_training_images_and_never_test_ones(
     assert generate(tmp_path / "bad", "--num_samples", "4", "--damage", "1.5").returncode == 2
 
 
-def run_in_this_process(out_dir: Path, seed: int):
-    create_images.main(create_images.Arguments(num_samples=40, num_test=10, size=64, seed=seed, out_dir=str(out_dir)))
+def small_run(out_dir: Path, seed: int) -> list[str]:
+    """create_images.py's command line for a small data set. Run in a fresh process: its pool
+    forks, and a fork of this one (threads of earlier tests: torch's, a web server's) can hang."""
+    return [sys.executable, str(ROOT / "create_images.py"), "--num_samples", "40", "--num_test", "10", "--size", "64",
+            "--seed", str(seed), "--out_dir", str(out_dir)]
+
+
+def run_whole(out_dir: Path, seed: int):
+    subprocess.run(small_run(out_dir, seed), check=True, capture_output=True)
 
 
 def contents(folder: Path) -> dict:
@@ -160,8 +167,8 @@ def test_a_killed_run_leaves_each_csv_whole_and_naming_its_own_pictures(tmp_path
     """Killed at random points over an older data set (another seed): each CSV is the old one,
     the new one or absent, and every picture a CSV names is the one it describes. The kills
     take the main process alone, as a crash would: the pool's workers must end by themselves."""
-    run_in_this_process(tmp_path / "old", seed=1)
-    run_in_this_process(tmp_path / "new", seed=0)
+    run_whole(tmp_path / "old", seed=1)
+    run_whole(tmp_path / "new", seed=0)
     versions = {"old": contents(tmp_path / "old"), "new": contents(tmp_path / "new")}
     out, pid_file = tmp_path / "out", tmp_path / "writer.pid"
     seen = Counter()
@@ -174,7 +181,7 @@ def test_a_killed_run_leaves_each_csv_whole_and_naming_its_own_pictures(tmp_path
     def write():
         os.setpgid(0, 0)  # the pool's workers join this group, so that the check can wait for them
         files.write_text(pid_file, str(os.getpid()))  # whole, or the check finds none
-        run_in_this_process(out, seed=0)
+        os.execv(sys.executable, small_run(out, seed=0))  # the same pid, a fresh process
 
     def check(_):
         if pid_file.exists():
@@ -202,7 +209,7 @@ def test_a_killed_run_leaves_each_csv_whole_and_naming_its_own_pictures(tmp_path
     assert seen["data.csv", "absent"], f"no kill landed inside a run: {seen}"
     (out / f"{files.TEMPORARY}999-data.csv").write_text("half a CSV")  # what a kill leaves
     (out / "images" / f"{files.TEMPORARY}999-train_00000.png").write_bytes(b"half a picture")
-    run_in_this_process(out, seed=0)
+    run_whole(out, seed=0)
     assert contents(out) == versions["new"], "a whole run leaves the new files alone"
 
 
