@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dsl  # noqa: E402
+import files  # noqa: E402
 import renderer  # noqa: E402
 
 FROZEN, TRAINS, DATA = (225, 225, 225), (190, 235, 190), (255, 255, 255)
@@ -64,7 +65,8 @@ def main():
     for i, (fill, label) in enumerate([(TRAINS, "trains"), (FROZEN, "frozen")]):
         draw.rectangle((20 + 120 * i, 350, 40 + 120 * i, 370), fill=fill, outline="black")
         draw.text((48 + 120 * i, 355), label, fill="black")
-    image.save(Path(__file__).parent / "architecture.png")
+    with files.replacing(Path(__file__).parent / "architecture.png") as temporary:
+        image.save(temporary)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_llm, tin
 def test_ctrl_c_saves_a_step_checkpoint_kept_even_when_none_are(tiny_llm, tiny_clip, tiny_dataset, tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"),
                                 *tiny_args(tiny_llm, tiny_clip, tiny_dataset, tmp_path, "--epochs", "50",
-                                           "--save_every", "0", "--keep_step_checkpoints", "0")],
+                                           "--save_every", "0", "--keep_step_checkpoints", "0",
+                                           "--batch_size", "1")],  # ~20 steps an epoch: Ctrl-C lands inside one
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while (not (tmp_path / "log.jsonl").exists() or len(losses(tmp_path)) < 2) and time.time() < deadline:
