@@ -153,12 +153,17 @@ def _remove(path: Path):
 
 
 def append_line(path: str | Path, line: str):
-    """Append one line and flush it to the disk. A kill can tear only this last line, which
-    `read_lines` then drops."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line and flush it to the disk. A kill or a full disk can tear only this last
+    line, which `read_jsonl` then drops."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full(Path(path)) from None
+        raise
 
 
 def read_jsonl(path: str | Path, program: str = "") -> list:
