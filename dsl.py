@@ -1,6 +1,6 @@
-"""The diagram DSL: vocabulary, parser, canonical formatter, sampler and metrics.
-
-One source of truth for everything that reads or writes diagrams (docs/SPEC.md):
+"""The diagram DSL, the repo's first plug-in (languages.py): vocabulary, parser, canonical
+formatter, sampler and metrics. One source of truth for everything that reads or writes
+diagrams (docs/SPEC.md):
 
     <StartDiagram>
       <Large> <Circle> <TopLeft>
@@ -31,6 +31,11 @@ START, END = "<StartDiagram>", "<EndDiagram>"
 
 # The special tokens the language model learns: each tag becomes one token.
 DSL_TOKENS = (START, END) + tuple(f"<{name}>" for name in SIZES + SHAPES + POSITIONS)
+
+# The plug-in's declarations (languages.py).
+NAME = "diagram"
+GRAMMAR = "grammars/diagram.ebnf"  # the tags the model writes (to_target), in canonical order
+TOKENS = DSL_TOKENS
 
 MAX_ELEMENTS = len(POSITIONS)
 # Diagrams with k elements: choose k of the 4 positions, then a size and a shape for each.
@@ -168,9 +173,13 @@ def is_valid(text: str) -> bool:
 
 
 def canonical(text: str) -> str:
-    """The canonical form of a text that parses; any other text unchanged (a model's raw output)."""
-    diagram = parse_or_none(text)
-    return to_text(diagram) if diagram is not None else text
+    """The canonical form of a text; DSLParseError (a ValueError) where it does not parse."""
+    return to_text(parse(text))
+
+
+def to_target(text: str) -> str:
+    """What the model writes: the tags alone, no whitespace (14 tokens at most, 27 with it)."""
+    return "".join(to_tags(parse(text)))
 
 
 def to_tags(diagram: Diagram, position_first: bool = False) -> list[str]:
@@ -215,6 +224,11 @@ def next_tags(tags: list[str], position_first: bool = False) -> list[str]:
 
 
 QUADRANT_CLASSES = 1 + len(SIZES) * len(SHAPES)  # empty, or one size-shape pair
+REGION_GRID, REGION_CLASSES = 2, QUADRANT_CLASSES  # the projector's auxiliary loss: what each quadrant holds
+
+
+def regions(text: str) -> list[int]:
+    return quadrant_classes(parse(text))
 
 
 def quadrant_classes(diagram: Diagram) -> list[int]:
@@ -245,6 +259,9 @@ def all_diagrams():
                                     for (size, shape), position in zip(looks, positions)))
 
 
+# Every tag is one token, so all four-element diagrams are equally long: the longest.
+LONGEST = to_text(Diagram(tuple(Element("Large", "Circle", p) for p in POSITIONS)))
+
 HELD_OUT_SHARE = 0.2  # of each element count's diagrams, kept for test sets alone
 
 
@@ -264,8 +281,37 @@ def held_out_diagrams() -> frozenset[Diagram]:
     return frozenset(held_out)
 
 
-# ---------------------------------------------------------------------------- metrics
+def held_out(text: str) -> bool:
+    return parse(text) in held_out_diagrams()
 
+
+# What create_images.py draws with, and render-and-compare; renderer.py imports this module, so
+# these import it when called.
+
+def sample(rng: random.Random) -> Diagram:
+    return sample_diagram(rng)
+
+
+def text_of(diagram: Diagram) -> str:
+    return to_text(diagram)
+
+
+def draw(diagram: Diagram, size: int, rng: random.Random, augment: bool):
+    import renderer
+    return renderer.render(diagram, size, renderer.random_style(rng) if augment else renderer.NOMINAL, rng)
+
+
+def render(text: str, size: int):
+    import renderer
+    return renderer.render(parse(text), size)
+
+
+def agreement(picture, text: str) -> float:
+    import renderer
+    return renderer.agreement(picture, text)
+
+
+# ---------------------------------------------------------------------------- metrics
 
 
 def _scores(pairs) -> dict:
