@@ -76,12 +76,15 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
         return "", None, None, None, f"**Cannot read this picture**: {picture.width} x {picture.height} pixels, " \
                                      f"under {data.MIN_SIDE} on a side."
     reading = reader.read_images([picture])[0]
-    confidence, agreement = float(reading.confidence), float(reading.agreement)
+    confidence, agreement = float(reading.confidence), reading.agreement  # None: the DSL cannot compare
     doubts = [f"confidence {confidence:.3f} is below {doubtful_below}"] if confidence < doubtful_below else []
-    doubts += [f"agreement {agreement:.2f}: the ink is not where the prediction draws"] if agreement < 1 else []
-    verdict = f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**, and the ink agrees."
-    return (reading.dsl.rstrip(), inference.render_side_by_side(picture, reading.dsl), round(confidence, 3),
-            round(agreement, 2), verdict)
+    if agreement is not None and agreement < 1:
+        doubts += [f"agreement {agreement:.2f}: the ink is not where the prediction draws"]
+    verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else
+               "**Confident**" + (", and the ink agrees." if agreement is not None else "."))
+    drawn = inference.render_side_by_side(picture, reading.dsl, reader.language)
+    return (reading.dsl.rstrip(), drawn, round(confidence, 3), None if agreement is None else round(agreement, 2),
+            verdict)
 
 
 def page(reader, args: Arguments, examples: list[str]):
@@ -121,7 +124,7 @@ def page(reader, args: Arguments, examples: list[str]):
 def main(args: Arguments) -> None:
     csv = Path(args.examples_csv)
     examples = [str(row.image_path) for row in data.read_dataset(csv, True)[0][:8]] if csv.is_file() else []
-    reader = inference.load(inference.Arguments(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype))
+    reader = inference.load(args.checkpoint, args.device, args.dtype)
     with tempfile.TemporaryDirectory(prefix="app-") as own_folder:
         # Gradio serves every file in its temporary folder (uploads, what the page draws, the copies
         # it makes of the examples when the page is built) and in its examples cache. By default

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-import dsl
 import files
+import languages
 
 COLUMNS = ["image_path", "dsl"]
 SHOWN = 5  # bad rows listed in an error message
@@ -28,7 +28,7 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class Row:
     image_path: Path  # absolute, or relative to the working directory
-    dsl: str  # canonical text
+    dsl: str  # the text as written (validated): some DSLs write a picture's parts in the order it shows them
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -70,14 +70,17 @@ def write_csv(path: str | Path, rows, columns: list[str] = COLUMNS):
         writer.writerows(rows)
 
 
-def read_dataset(csv_path: str | Path, skip_bad_rows: bool = False) -> tuple[list[Row], int]:
-    """The rows of a data CSV, image paths resolved against the CSV's folder, every row checked.
+def read_dataset(csv_path: str | Path, skip_bad_rows: bool = False,
+                 language: languages.Language | None = None) -> tuple[list[Row], int]:
+    """The rows of a data CSV, image paths resolved against the CSV's folder, every row checked,
+    its texts against `language` (default: the diagram DSL).
 
     Returns (good rows, number of bad rows skipped). Raises DataError for a file that
     is missing, has the wrong columns or no rows, and, unless skip_bad_rows, for any
     bad row: the message counts them and shows the first few.
     """
     csv_path = Path(csv_path)
+    language = language or languages.load("diagram")
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
     try:
@@ -107,8 +110,8 @@ def read_dataset(csv_path: str | Path, skip_bad_rows: bool = False) -> tuple[lis
         problem = image_problem(path) if raw_path.strip() else "empty image_path"
         if problem is None:
             try:
-                text = dsl.to_text(dsl.parse(text))
-            except dsl.DSLParseError as error:
+                language.canonical(text)
+            except ValueError as error:
                 problem = f"bad DSL: {error}"
         if problem is None and path in seen:
             problem = f"duplicate of row {seen[path]} (the same image)"

@@ -43,7 +43,7 @@ import hardware
 import language_model
 import read_exported
 import settings
-from model import FULL_DIAGRAM, CheckpointError, DiagramReader, ModelConfig
+from model import CheckpointError, DiagramReader, ModelConfig
 from settings import setting
 
 HUB_NAMES = {language_model.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -109,8 +109,8 @@ def write_model(reader: DiagramReader, out: Path, dtype: str) -> dict:
               "preprocess": vision.visual.preprocess_cfg, "instruction": reader.config.instruction,
               "instruction_ids": reader.instruction_ids, "image_start_id": reader.image_start_id,
               "image_end_id": reader.image_end_id, "end_id": reader.end_id,
-              "max_new_tokens": len(reader.dsl_ids(dsl.to_text(FULL_DIAGRAM))) + 8,
-              "target_format": reader.config.target_format, "position_first": reader.position_first,
+              "max_new_tokens": reader.max_dsl_tokens + 8,
+              "target_format": reader.config.target_format, "position_first": False,
               "grammar": GRAMMAR, "examples": examples, "dtype": dtype,
               "trained_with": card_settings(reader.config)}
     (out / "reader_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")

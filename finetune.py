@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-import dsl
 import files
 import hardware
 import language_model
+import languages
 import settings
 from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, with_examples
 from settings import SettingsError, check, setting
@@ -65,7 +65,8 @@ class TrainConfig:
                                                   "batch_size x this x processes")
     projector_warmup_epochs: int = setting(10, "first, the projector alone learns the quadrant loss on the cached "
                                               "features for this many epochs (no LLM: cheap), so that the LLM "
-                                              "starts from a projector that already sees (LLaVA's first stage)")
+                                              "starts from a projector that already sees (LLaVA's first stage); "
+                                              "none without that loss")
     projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, batch 128, cosine)")
     lr: float = setting(1e-3, "peak learning rate of the LoRA adapters")
     projector_lr: float = setting(1e-3, "peak learning rate of the projector and the new token embeddings")
@@ -114,7 +115,7 @@ def parse_configs(argv: list[str], *extra) -> tuple:
 
 def main(config: ModelConfig, training: TrainConfig) -> int:
     accelerator, dtype = set_up(config, training)
-    train_rows, val_rows = split_data(training)
+    train_rows, val_rows = split_data(training, languages.load(config.dsl))
     data_identity = checkpoint.data_identity(training.data_csv, training.seed)  # what decides the split and order
     lock = checkpoint.hold(training.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held)
     accelerator.wait_for_everyone()  # the folder tidied (hold) before any process lists its checkpoints
@@ -135,7 +136,7 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
     if not resume_from:
         reader.projector.set_feature_statistics(train_features)
         reader.examples = [(data.load_image(r.image_path), r.dsl) for r in train_rows[:config.num_shots]]
-        warm_up_projector(reader.projector, train_rows, train_features, training, cost, accelerator)
+        warm_up_projector(reader, train_rows, train_features, training, cost, accelerator)
     optimizer, scheduler = make_optimizer(reader, training, total_steps)
     model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
     step, start = restore(resume_from, resumed_state, optimizer, scheduler, accelerator)
@@ -210,9 +211,6 @@ def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, tor
                             "use --dtype auto (or float32, bfloat16) and --mixed_precision no")
     if config.llm_layers and config.llm_layers > (depth := language_model.llm_config(config.llm).num_hidden_layers):
         raise SettingsError(f"--llm_layers {config.llm_layers}: {config.llm} has {depth} layers")
-    if training.projector_warmup_epochs and not config.quadrant_loss:
-        raise SettingsError("--projector_warmup_epochs trains the projector on the quadrant loss: it needs "
-                            "--quadrant_loss above 0")
     if training.load_in_4bit and device.type != "cuda":
         raise SettingsError("--load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
                             f"this {device.type}; train without it (the full base in --dtype)")
@@ -233,16 +231,17 @@ def load_model(config: ModelConfig, training: TrainConfig, dtype: torch.dtype, r
     return reader.use_attention_for(hardware.pick_device(training.device))
 
 
-def split_data(training: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:
+def split_data(training: TrainConfig, language: languages.Language) -> tuple[list[data.Row], list[data.Row]]:
     """Every row checked before any model loads; a fixed, seeded split that holds out
     diagrams, not rows: every picture of a validation diagram is in validation, so its
     exact match (which picks the best checkpoint) scores reading, not remembering."""
-    rows, skipped = data.read_dataset(training.data_csv, training.skip_bad_rows)
+    rows, skipped = data.read_dataset(training.data_csv, training.skip_bad_rows, language)
     if skipped:
         print(f"skipping {skipped} bad rows of {training.data_csv} (--skip_bad_rows)", file=sys.stderr)
+    diagram_of = {row.dsl: language.canonical(row.dsl) for row in rows}  # one canonical text a diagram
     rows_per_diagram: dict[str, int] = {}
-    for row in rows:  # row.dsl is canonical: one text a diagram
-        rows_per_diagram[row.dsl] = rows_per_diagram.get(row.dsl, 0) + 1
+    for row in rows:
+        rows_per_diagram[diagram_of[row.dsl]] = rows_per_diagram.get(diagram_of[row.dsl], 0) + 1
     if len(rows_per_diagram) < 2:
         raise data.DataError(f"{training.data_csv}: all {len(rows)} rows show one diagram; validation holds out "
                              "whole diagrams, so it needs at least two different ones")
@@ -257,7 +256,8 @@ def split_data(training: TrainConfig) -> tuple[list[data.Row], list[data.Row]]:
             break
         val_diagrams.add(diagram)
         num_val_rows += rows_per_diagram[diagram]
-    return [r for r in rows if r.dsl not in val_diagrams], [r for r in rows if r.dsl in val_diagrams]
+    return ([r for r in rows if diagram_of[r.dsl] not in val_diagrams],
+            [r for r in rows if diagram_of[r.dsl] in val_diagrams])
 
 
 def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator):
@@ -269,12 +269,14 @@ def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator):
                 reader.vision.encode([r.image_path for r in val_rows], progress=bar))
 
 
-def warm_up_projector(projector, train_rows, train_features, training: TrainConfig, cost: RunCost, accelerator):
+def warm_up_projector(reader, train_rows, train_features, training: TrainConfig, cost: RunCost, accelerator):
     """LLaVA's first stage, with the quadrant loss as its signal: the projector and its
     quadrant head alone, on the cached features, before the LLM sees an image."""
-    if not training.projector_warmup_epochs:
+    projector = reader.projector
+    regions = reader.language.part("regions")
+    if not training.projector_warmup_epochs or projector.quadrant_head is None:
         return
-    targets = torch.tensor([dsl.quadrant_classes(dsl.parse(row.dsl)) for row in train_rows])
+    targets = torch.tensor([regions(row.dsl) for row in train_rows])
     batch_size = 128
     optimizer = torch.optim.AdamW(projector.parameters(), lr=training.projector_warmup_lr)
     total = math.ceil(len(train_rows) / batch_size) * training.projector_warmup_epochs
@@ -400,14 +402,18 @@ def validate(reader: DiagramReader, val_rows, val_features, training: TrainConfi
     with accelerator.autocast():
         predictions, _ = reader.read(val_features[:n])
     references = [r.dsl for r in val_rows[:n]]
-    scores = dsl.score(predictions, references)
-    scores.pop("by_count")
+    scores = reader.language.score(predictions, references)
+    scores.pop("by_count", None)
     scores["loss"] = total_loss / n_loss
-    log.validation(step, scores, [(r.image_path, p, r.dsl) for r, p in zip(val_rows[:8], predictions)])
+    samples = [(r.image_path, p, r.dsl) for r, p in zip(val_rows[:8], predictions)]
+    log.validation(step, scores, samples, reader.language)
+    f1s = "".join(f", {name[:-3].replace('_', ' ')} F1 {value:.3f}" for name, value in scores.items()
+                  if name.endswith("_f1"))  # the DSL's own: element F1, node F1, ...
     bar.write(f"step {step}: val loss {scores['loss']:.4f}, exact match {scores['exact_match']:.3f} on "
-              f"{n} images, element F1 {scores['element_f1']:.3f}")
+              f"{n} images{f1s}, character error rate {scores['cer']:.3f}")
     for prediction, reference in list(zip(predictions, references))[:4]:
-        bar.write(f"  {'ok ' if dsl.canonical(prediction) == reference else 'BAD'} {' '.join(prediction.split())}")
+        same = reader.language.canonical_or_raw(prediction) == reader.language.canonical(reference)
+        bar.write(f"  {'ok ' if same else 'BAD'} {' '.join(prediction.split())}")
     return scores
 
 

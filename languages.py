@@ -72,7 +72,7 @@ class Language:
     def canonical(self, text: str) -> str:
         """Raises ValueError for a text that is not valid."""
         if self.module is None:
-            return "\n".join(line.rstrip() for line in text.strip().splitlines()) + "\n"
+            return "\n".join(line.rstrip() for line in text.strip().splitlines())  # free text: its lines
         return self.module.canonical(text)
 
     def canonical_or_raw(self, text: str) -> str:

@@ -6,13 +6,13 @@ The prompt, LLaVA-style, with `num_shots` solved examples before the target:
 
     <instruction> (<start_of_image> [T image embeddings] <end_of_image> <example DSL>)* <start_of_image> [T] <end_of_image>
 
-and the model continues with the target's DSL, up to <EndDiagram>. Training puts the
-loss on the target DSL, and (quadrant_loss) on a small head that names what each
-quadrant of the target image holds from the projector's tokens alone: a direct signal
-from which the projector learns to see sooner than from the LLM's loss alone. What
-trains: the projector with that head, the LoRA adapters and the embeddings of the new
-tokens (the 12 DSL tags and the two image markers); the vision encoder and the LLM's own
-weights stay frozen.
+and the model continues with the target's DSL (languages.py: any DSL plug-in), up to its end
+token. Training puts the loss on the target DSL, and (quadrant_loss, for a DSL that names
+what each region of a picture holds) on a small head that names it from the projector's
+tokens alone: a direct signal from which the projector learns to see sooner than from the
+LLM's loss alone. What trains: the projector with that head, the LoRA adapters and the
+embeddings of the new tokens (the DSL's own, and the two image markers); the vision encoder
+and the LLM's own weights stay frozen.
 
 `DiagramReader.save_pretrained` / `DiagramReader.from_pretrained` are the model's
 save/load pair; checkpoint.py adds what a training run keeps beside it.
@@ -34,30 +34,29 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import data
-import dsl
 import language_model
-import renderer
+import languages
 from language_model import IMAGE_END, IMAGE_START
 from settings import check, setting
 
 IMAGE_SLOT = -1  # input id of a position that holds an image embedding instead of a token's
 IGNORE = -100  # label of a position without loss
 
-TARGET_FORMATS = ("tags", "tags_position_first", "text")
+TARGET_FORMATS = ("tags", "text")
 # Pictures decoded together. On a CPU 256 pictures take 9 s at 128, 12 at 64 and 17 at 32:
 # the rows are short, so a small batch leaves the matmuls little to do.
 READ_BATCH = 128
 PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
 PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
 
-# Every tag is one token, so all four-element diagrams are equally long: the longest.
-FULL_DIAGRAM = dsl.Diagram(tuple(dsl.Element("Large", "Circle", p) for p in dsl.POSITIONS))
-
 
 @dataclass
 class ModelConfig:
     """Everything it takes to rebuild the model: saved with every checkpoint as config.json.
     The defaults are the embedded CPU configuration; configs/llama3-8b.yaml is the reference one."""
+
+    dsl: str = setting("diagram", "the DSL the model writes: diagram, mermaid, text (free text), or a .py "
+                                  "file or module of your own (languages.py)")
 
     llm: str = setting(language_model.SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, "
                                                "a local folder, a .gguf file, or llama3.1-8b-shape (Llama-3.1-8B's "
@@ -92,16 +91,20 @@ class ModelConfig:
     instruction: str = setting("Read the diagram.", "the prompt's text; short: every token costs time in "
                                                     "every step")
     quadrant_loss: float = setting(3.0, "a second loss that teaches the projector to see: a linear head names "
-                                        "what each quadrant of the image holds (empty, or a size and shape) from "
-                                        "the mean of its image tokens; each quadrant counts this many times as "
-                                        "much as a DSL token (0: off)")
-    target_format: str = setting("tags", "tags: the DSL's tags alone, no whitespace (14 tokens at most); "
-                                         "tags_position_first: the same with each element's position first "
-                                         "(where, then what: read back in the DSL's order); "
-                                         "text: the canonical text, whitespace tokens included (27)")
+                                        "what each region of the image holds (the diagram DSL: each quadrant's "
+                                        "size and shape) from the mean of its image tokens; each region counts "
+                                        "this many times as much as a DSL token (0: off)")
+    target_format: str = setting("tags", "tags: what the DSL says the model writes (the diagram DSL: its tags "
+                                         "alone, no whitespace); text: the canonical text")
 
     def __post_init__(self):
         """Each setting's range, checked when the settings are parsed: before data or models load."""
+        try:
+            language = languages.load(self.dsl)
+        except ValueError as error:
+            check(False, "dsl", self.dsl, str(error))
+        check(not self.quadrant_loss or language.part("regions") is not None, "quadrant_loss", self.quadrant_loss,
+              f"0: the DSL {self.dsl} names no regions (REGION_GRID, regions) for that loss to learn")
         check(self.llm_layers >= 0, "llm_layers", self.llm_layers, "a number of layers, or 0 for all")
         check(self.image_features in ("patches", "pooled"), "image_features", self.image_features,
               "patches or pooled")
@@ -252,8 +255,8 @@ class Projector(nn.Module):
     (quadrant_logits), which only training uses.
     """
 
-    def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int, quadrant_head: bool = False,
-                 positions: bool = False, patches_per_token: int = 1):
+    def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int,
+                 regions: tuple[int, int] | None = None, positions: bool = False, patches_per_token: int = 1):
         super().__init__()
         tokens, width = feature_shape
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
@@ -271,11 +274,14 @@ class Projector(nn.Module):
             self.mlp = nn.Linear(width, hidden_size)
         else:
             raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, not {kind!r}")
+        # regions: (grid, classes) of the DSL's region loss: what each of grid x grid cells holds.
         side = math.isqrt(tokens)
-        if quadrant_head and (side * side != tokens or side < 2):
-            raise ValueError(f"quadrant_loss needs the image tokens to form a square grid of at least 2 x 2, not "
-                             f"{tokens} token(s); use image_features patches, or quadrant_loss 0")
-        self.quadrant_head = nn.Linear(hidden_size, dsl.QUADRANT_CLASSES) if quadrant_head else None
+        if regions and (side * side != tokens or side < regions[0]):
+            raise ValueError(f"quadrant_loss needs the image tokens to form a square grid of at least "
+                             f"{regions[0]} x {regions[0]}, not {tokens} token(s); use image_features patches, "
+                             "or quadrant_loss 0")
+        self.region_grid = regions[0] if regions else 0
+        self.quadrant_head = nn.Linear(hidden_size, regions[1]) if regions else None
         # Zero at the start: the tokens begin as the MLP's alone and learn where they are.
         self.positions = nn.Parameter(torch.zeros(tokens, hidden_size)) if positions else None
 
@@ -295,14 +301,14 @@ class Projector(nn.Module):
         return tokens if self.positions is None else tokens + self.positions
 
     def quadrant_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This projector's tokens of images [B, T, hidden] -> [B, 4, dsl.QUADRANT_CLASSES]:
-        what each quadrant holds, in dsl.POSITIONS order, read from the mean of the tokens
-        over it. Gradients reach the projector from here directly, not only through the
-        LLM: it learns to see faster."""
+        """This projector's tokens of images [B, T, hidden] -> [B, grid * grid, classes]: what
+        each region holds (the diagram DSL: each quadrant), row by row, read from the mean of
+        the tokens over it. Gradients reach the projector from here directly, not only through
+        the LLM: it learns to see faster."""
         b, t, h = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, h, math.isqrt(t), math.isqrt(t))
-        quadrants = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # [B, 4, H], row by row
-        return self.quadrant_head(quadrants)
+        cells = F.adaptive_avg_pool2d(grid, self.region_grid).flatten(2).transpose(1, 2)  # [B, grid * grid, H]
+        return self.quadrant_head(cells)
 
 
 class CheckpointError(Exception):
@@ -326,14 +332,19 @@ class DiagramReader(nn.Module):
                  llm_fingerprint: float, examples: list[tuple[Image.Image, str]] = ()):
         super().__init__()
         self.config, self.vision, self.projector, self.llm, self.tokenizer = config, vision, projector, llm, tokenizer
+        self.language = languages.load(config.dsl)
         self.llm_fingerprint = llm_fingerprint  # of the base LLM's input embeddings, new rows included
         self.examples = list(examples)
         self.image_tokens = projector.feature_mean.shape[0]
         ids = tokenizer.convert_tokens_to_ids
-        self.image_start_id, self.image_end_id, self.end_id = ids(IMAGE_START), ids(IMAGE_END), ids(dsl.END)
+        self.image_start_id, self.image_end_id = ids(IMAGE_START), ids(IMAGE_END)
+        # A DSL whose texts end with a token of their own (the diagram DSL's <EndDiagram>) stops
+        # there; any other gets the LLM's end-of-text token after its target.
+        self.appends_end = self.language.part("END") is None
+        self.end_id = tokenizer.eos_token_id if self.appends_end else ids(self.language.part("END"))
         self.instruction_ids = tokenizer(config.instruction).input_ids  # with BOS where the tokenizer adds one
-        self.position_first = config.target_format == "tags_position_first"
-        self.max_dsl_tokens = len(self.dsl_ids(dsl.to_text(FULL_DIAGRAM)))
+        longest = self.language.part("LONGEST")
+        self.max_dsl_tokens = len(self.dsl_ids(longest)) if longest else languages.DEFAULT_LONGEST_TOKENS
 
     @classmethod
     def build(cls, config: ModelConfig, dtype=torch.float32, load_in_4bit: bool = False) -> "DiagramReader":
@@ -341,11 +352,11 @@ class DiagramReader(nn.Module):
         (QLoRA with load_in_4bit). The projector's feature statistics are set later, from the
         training images."""
         vision, llm, tokenizer, base = load_base_models(config, dtype, load_in_4bit)
-        llm = language_model.with_lora(llm, tokenizer, config.lora_r, config.lora_alpha, config.lora_dropout,
-                                       config.lora_target_modules, load_in_4bit)
+        new_ids = tokenizer.convert_tokens_to_ids(language_model.new_tokens(languages.load(config.dsl).tokens))
+        llm = language_model.with_lora(llm, new_ids, config, load_in_4bit)
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              quadrant_head=config.quadrant_loss > 0, positions=config.image_positions,
-                              patches_per_token=vision.patches_per_token)
+                              regions=regions_of(config) if config.quadrant_loss > 0 else None,
+                              positions=config.image_positions, patches_per_token=vision.patches_per_token)
         return cls(config, vision, projector, llm, tokenizer, base)
 
     # -- checkpoints: the save/load pair
@@ -398,8 +409,8 @@ class DiagramReader(nn.Module):
         weights = load_file(folder / "projector.safetensors")
         # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              quadrant_head=config.quadrant_loss > 0 and "quadrant_head.weight" in weights,
-                              positions="positions" in weights, patches_per_token=vision.patches_per_token)
+                              regions=regions_of(config) if config.quadrant_loss > 0 and "quadrant_head.weight" in weights
+                              else None, positions="positions" in weights, patches_per_token=vision.patches_per_token)
         projector.load_state_dict(weights)
         examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
                      (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
@@ -416,11 +427,12 @@ class DiagramReader(nn.Module):
     # -- prompts
 
     def dsl_ids(self, text: str) -> list[int]:
-        """The target tokens of a diagram text, up to and including <EndDiagram> (generation
-        stops there): its tags alone, or its canonical text (target_format)."""
-        if self.config.target_format != "text":
-            return self.tokenizer.convert_tokens_to_ids(dsl.to_tags(dsl.parse(text), self.position_first))
-        return self.tokenizer(dsl.canonical(text).rstrip(), add_special_tokens=False).input_ids
+        """The target tokens of a DSL text, up to and including its end token (generation stops
+        there): what the DSL says the model writes, or its canonical text (target_format)."""
+        target = (self.language.canonical(text).rstrip() if self.config.target_format == "text"
+                  else self.language.target(text))
+        ids = self.tokenizer(target, add_special_tokens=False).input_ids
+        return ids + [self.end_id] if self.appends_end else ids
 
     def image_ids(self) -> list[int]:
         return [self.image_start_id] + [IMAGE_SLOT] * self.image_tokens + [self.image_end_id]
@@ -448,7 +460,7 @@ class DiagramReader(nn.Module):
         labels = torch.tensor([[IGNORE] * (length - len(r)) + r for r in label_rows])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
         if targets is not None and self.projector.quadrant_head is not None:
-            batch["quadrants"] = torch.tensor([dsl.quadrant_classes(dsl.parse(t)) for t in targets])
+            batch["quadrants"] = torch.tensor([self.language.part("regions")(t) for t in targets])
         return batch
 
     # -- forward
@@ -490,9 +502,10 @@ class DiagramReader(nn.Module):
     def allowed_tokens(self, _batch_index: int, generated: torch.Tensor) -> list[int]:
         """The DSL grammar (dsl.next_tags) as token ids: generation can only write valid DSL."""
         tags = self.tokenizer.convert_ids_to_tokens(generated.tolist())
+        import dsl  # TEMPORARY until the grammar library
         if dsl.END in tags:
             return [self.end_id]  # finished: the row is padded from here on
-        return self.tokenizer.convert_tokens_to_ids(dsl.next_tags(tags, self.position_first))
+        return self.tokenizer.convert_tokens_to_ids(dsl.next_tags(tags))
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, example_dsls: list[list[str]],
@@ -504,7 +517,8 @@ class DiagramReader(nn.Module):
         batch = self.collate(images, example_dsls)
         device = self.projector.feature_mean.device
         embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["images"].to(device)))
-        grammar = self.allowed_tokens if constrained and self.config.target_format != "text" else None
+        grammar = (self.allowed_tokens if constrained and self.config.target_format != "text"
+                   and self.language.name == "diagram" else None)
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
                                 max_new_tokens=self.max_dsl_tokens + 8,
                                 do_sample=False, num_beams=1, eos_token_id=self.end_id,
@@ -516,8 +530,9 @@ class DiagramReader(nn.Module):
         texts, confidences = [], []
         for row, row_probabilities in zip(chosen.tolist(), probabilities.tolist()):
             length = row.index(self.end_id) + 1 if self.end_id in row else len(row)
-            text = self.tokenizer.decode(row[:length], skip_special_tokens=False)
-            texts.append(dsl.from_position_first(text) if self.position_first else text)
+            text = self.tokenizer.decode(row[:length - (self.appends_end and self.end_id in row)],
+                                         skip_special_tokens=False)
+            texts.append(self.language.from_target(text))
             confidences.append(min(row_probabilities[:length]))
         return texts, confidences
 
@@ -558,8 +573,9 @@ class DiagramReader(nn.Module):
                         for image in images[start:start + 256]]
             texts, confidences = self.read(self.vision.encode(pictures, progress=progress), batch_size,
                                            constrained, progress=progress)
-            readings += [Reading(dsl.canonical(text), dsl.is_valid(text), confidence,
-                                 renderer.agreement(picture, text))
+            agreement = self.language.part("agreement")
+            readings += [Reading(self.language.canonical_or_raw(text), self.language.is_valid(text), confidence,
+                                 agreement(picture, text) if agreement else None)
                          for picture, text, confidence in zip(pictures, texts, confidences)]
         return readings
 
@@ -577,7 +593,9 @@ class Reading:
     dsl: str  # the canonical DSL text (the raw output where it does not parse: never with grammar decoding)
     valid: bool  # the text parses as a diagram
     confidence: float  # the lowest probability the model gave to a token it chose
-    agreement: float  # share of quadrants where the picture has ink exactly where the DSL draws an element
+    # Render and compare, for a DSL that has it (diagram: share of quadrants where the picture has
+    # ink exactly where the DSL draws an element); None for one without.
+    agreement: float | None
 
 
 def load_base_models(config: ModelConfig, dtype, load_in_4bit: bool = False, identity: dict | None = None):
@@ -594,7 +612,8 @@ def load_base_models(config: ModelConfig, dtype, load_in_4bit: bool = False, ide
                               f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
     check_same_models(config, identity or {}, vision.identity())
     try:
-        llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit)
+        llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit,
+                                                 languages.load(config.dsl).tokens)
     except (OSError, ValueError) as error:
         if identity is None:
             raise
@@ -626,6 +645,12 @@ def check_same_models(config: ModelConfig, saved: dict, actual: dict):
                       else f"the LLM {config.llm}")
             raise CheckpointError(f"this checkpoint was made for another base model: its {IDENTITY_NAMES[key]} is "
                                   f"{expected}, but {source} as loaded here has {value}")
+
+
+def regions_of(config: ModelConfig) -> tuple[int, int]:
+    """(grid, classes) of the DSL's region loss."""
+    language = languages.load(config.dsl)
+    return language.part("REGION_GRID"), language.part("REGION_CLASSES")
 
 
 def with_examples(example_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:

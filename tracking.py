@@ -2,7 +2,7 @@
 W&B is not online, output_dir/curves.png, so a user without an account still sees the run.
 
 At each validation W&B gets a table of sample predictions (the image, the prediction
-drawn by renderer.py, both DSL texts, exact or not); at each epoch the checkpoint is
+drawn by the DSL's renderer, both DSL texts, exact or not); at each epoch the checkpoint is
 logged as an artifact (uploaded when online, recorded for `wandb sync` when offline).
 Its files are written through files.py: a kill tears at most log.jsonl's last line, which
 is dropped on resume, and never leaves half of curves.png.
@@ -17,9 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 import data
-import dsl
 import files
-import renderer
 from model import CheckpointError
 
 
@@ -67,12 +65,12 @@ class RunLog:
         self._append(record)
         self.run.log(record, step=record["step"])
 
-    def validation(self, step: int, scores: dict, samples: list[tuple[Path, str, str]]):
-        """scores: dsl.score's overall numbers and the loss; samples: (image, raw prediction, reference)."""
+    def validation(self, step: int, scores: dict, samples: list[tuple[Path, str, str]], language):
+        """scores: the DSL's overall scores and the loss; samples: (image, raw prediction, reference)."""
         self._append({"eval": {**scores, "step": step}})
         if not self.is_main:
             return
-        self.run.log({f"val/{k}": v for k, v in scores.items()} | {"val/predictions": self._table(samples)}, step=step)
+        self.run.log({f"val/{k}": v for k, v in scores.items()} | {"val/predictions": self._table(samples, language)}, step=step)
         if self.mode != "online":
             self._plot()
 
@@ -94,16 +92,18 @@ class RunLog:
         if self.is_main:
             self.file.append(record)
 
-    def _table(self, samples):
+    def _table(self, samples, language):
         import wandb
 
         table = wandb.Table(columns=["image", "prediction drawn", "predicted", "reference", "exact"])
+        render = language.part("render")
         for image_path, prediction, reference in samples:
-            diagram = dsl.parse_or_none(prediction)
             image = data.load_image(image_path)
-            drawn = renderer.render(diagram, image.width) if diagram else Image.new("RGB", image.size, "white")
-            table.add_data(wandb.Image(image), wandb.Image(drawn), dsl.canonical(prediction), reference,
-                           diagram is not None and dsl.to_text(diagram) == reference)
+            valid = language.is_valid(prediction)
+            drawn = render(prediction, image.width) if valid and render else Image.new("RGB", image.size, "white")
+            predicted = language.canonical_or_raw(prediction)
+            table.add_data(wandb.Image(image), wandb.Image(drawn), predicted, reference,
+                           predicted == language.canonical(reference))
         return table
 
     def _plot(self):
@@ -122,7 +122,8 @@ class RunLog:
         left.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
         left.legend()
         right.plot([e["step"] for e in evals], [e["exact_match"] for e in evals], "o-", label="exact match")
-        right.plot([e["step"] for e in evals], [e["element_f1"] for e in evals], "s--", label="element F1")
+        for name in [k for k in evals[0] if k.endswith("_f1")] if evals else []:  # the DSL's own scores
+            right.plot([e["step"] for e in evals], [e[name] for e in evals], "s--", label=name.replace("_f1", " F1"))
         right.set(xlabel="step", ylim=(0, 1.02), title="validation")
         right.legend()
         figure.tight_layout()

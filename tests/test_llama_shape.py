@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 import dsl
-import llama_shape
 import language_model
+import llama_shape
 import model
 from test_finetune import run_tool
 
@@ -64,8 +64,8 @@ def test_the_proofs_small_path_measures_training_and_generation_and_reads_back(p
 def test_the_prompt_has_one_bos_masked_padding_and_one_token_per_tag(proof):
     work, _ = proof
     reader = model.DiagramReader.from_pretrained(work / "run" / "epoch-01", llm_name=str(work / "llama3.1-8b-shape"))
-    assert reader.config.num_shots == 1 and reader.llm.config.vocab_size == 128256 + len(language_model.NEW_TOKENS)
-    for token in language_model.NEW_TOKENS:
+    assert reader.config.num_shots == 1 and reader.llm.config.vocab_size == 128256 + len(language_model.new_tokens(dsl.TOKENS))
+    for token in language_model.new_tokens(dsl.TOKENS):
         assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1, token
     short, long = "<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>", dsl.to_text(model.FULL_DIAGRAM)
     features = torch.zeros(2, 2, *reader.vision.feature_shape)
@@ -85,8 +85,8 @@ def test_the_checkpoint_holds_the_adapter_and_the_new_rows_not_the_embedding_mat
     with safe_open(adapter, "pt") as saved:
         rows = {k: saved.get_tensor(k) for k in saved.keys() if "trainable_tokens" in k}
     lm_head = [v for k, v in rows.items() if "lm_head" in k]
-    assert len(rows) == 2 and lm_head and lm_head[0].shape == (len(language_model.NEW_TOKENS), 4096)
+    assert len(rows) == 2 and lm_head and lm_head[0].shape == (len(language_model.new_tokens(dsl.TOKENS)), 4096)
     # The untied lm_head's new rows trained: they moved away from their initial values.
     llm, tokenizer = language_model.load_llm(str(work / "llama3.1-8b-shape"), torch.float32)
-    initial = llm.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(language_model.NEW_TOKENS)]
+    initial = llm.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(language_model.new_tokens(dsl.TOKENS))]
     assert (lm_head[0] - initial).abs().max() > 5e-5  # 9 Adam steps of lr 5e-5 without warm-up

@@ -58,7 +58,7 @@ def test_patch_mlp_maps_every_patch_of_a_token_alike():
 
 
 def test_new_tokens_are_single_tokens(reader):
-    for token in language_model.NEW_TOKENS:
+    for token in language_model.new_tokens(dsl.TOKENS):
         assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1
     text = diagram_texts(1)[0]
     ids = reader.dsl_ids(text)
@@ -219,7 +219,7 @@ def test_adapter_folder_loads_with_plain_peft_onto_a_resized_base(tmp_path, tiny
     base.resize_token_embeddings(len(reader.tokenizer))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     reader.eval()
-    new_ids = torch.tensor(reader.tokenizer.convert_tokens_to_ids(language_model.NEW_TOKENS))
+    new_ids = torch.tensor(reader.tokenizer.convert_tokens_to_ids(language_model.new_tokens(dsl.TOKENS)))
     ids = torch.cat([torch.tensor([1, 2, 3]), new_ids])[None]
     with torch.no_grad():
         ours = reader.llm(input_ids=ids).logits

@@ -48,7 +48,7 @@ def test_new_tokens_are_single_tied_and_initialised_from_their_words(smollm2):
     embeddings = llm.get_input_embeddings().weight
     assert llm.get_output_embeddings().weight is embeddings  # still tied after resizing
     assert embeddings.shape[0] == len(tokenizer)
-    for token in language_model.NEW_TOKENS:
+    for token in language_model.new_tokens(dsl.TOKENS):
         ids = tokenizer(token, add_special_tokens=False).input_ids
         assert len(ids) == 1
         words = tokenizer(language_model._words(token), add_special_tokens=False).input_ids

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import damage
 import data
-import dsl
 import files
 import inference
 import settings
@@ -55,16 +54,18 @@ def write_damaged(rows: list[data.Row], kind: str, out_dir: Path, seed: int) -> 
 
 
 def main(args: Arguments) -> dict:
-    rows = data.read_dataset(args.csv)[0][:args.num]
-    reader = inference.load(inference.Arguments(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype))
+    language = inference.language_of(args.checkpoint)
+    rows = data.read_dataset(args.csv, language=language)[0][:args.num]
+    reader = inference.load(args.checkpoint, args.device, args.dtype)
     results = {}
     for kind in damage.CHECKS:
         paths = write_damaged(rows, kind, Path(args.out_dir), args.seed)
         predictions, _ = reader.read(reader.vision.encode(paths), args.batch_size)
-        scores = dsl.score(predictions, [row.dsl for row in rows])
-        results[kind] = {k: scores[k] for k in ("n", "exact_match", "element_f1", "valid_rate")}
-        print(f"{kind:26} n {scores['n']:4}  exact {scores['exact_match']:.3f}  element F1 "
-              f"{scores['element_f1']:.3f}  valid {scores['valid_rate']:.3f}", flush=True)
+        scores = language.score(predictions, [row.dsl for row in rows])
+        results[kind] = {k: v for k, v in scores.items() if k != "by_count"}
+        own = "".join(f"  {k[:-3].replace('_', ' ')} F1 {v:.3f}" for k, v in scores.items() if k.endswith("_f1"))
+        print(f"{kind:26} n {scores['n']:4}  exact {scores['exact_match']:.3f}{own}  valid {scores['valid_rate']:.3f}",
+              flush=True)
     return results
 
 
