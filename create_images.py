@@ -95,7 +95,7 @@ def sample_test_items(language: languages.Language, num_test: int, seed: int) ->
             continue
         draws += 1
         if draws >= GIVE_UP_DRAWS and language.module is not dsl:
-            raise TestSetError(f"--num_test {num_test}: found {len(chosen)} different held-out {language.name} texts, "
+            raise TooFewTestTexts(f"--num_test {num_test}: found {len(chosen)} different held-out {language.name} texts, "
                                f"then none new in {GIVE_UP_DRAWS:,} draws; ask for fewer")
     return list(chosen.values())
 
@@ -109,7 +109,7 @@ def sample_training_item(language: languages.Language, rng: random.Random):
     return item
 
 
-class TestSetError(ValueError):
+class TooFewTestTexts(ValueError):
     """Fewer different held-out texts than --num_test asks for, as far as sampling finds."""
 
 
@@ -209,6 +209,6 @@ if __name__ == "__main__":
     except files.DiskFull as error:
         print(f"create_images.py: error: {error}", file=sys.stderr)
         sys.exit(1)
-    except TestSetError as error:
+    except TooFewTestTexts as error:
         print(f"create_images.py: error: {error}", file=sys.stderr)
         sys.exit(2)
