@@ -313,6 +313,8 @@ def most_edges() -> int:
 
 # The longest text a sampled chart can have: the most nodes, with the longest words in the
 # longest brackets, and the most edges (ids and arrows are the same length on every line).
+# Longest in characters; in a tokenizer's tokens a chart of shorter words that split into
+# more pieces can be a token or two longer, which generation's few more tokens cover.
 LONGEST = to_text(Chart("TD", tuple(Node(label, "circle") for label in sorted(LABELS, key=len)[-MAX_NODES:]),
                         tuple(itertools.islice(itertools.combinations(range(MAX_NODES), 2), MAX_EDGES))))
 
