@@ -8,7 +8,7 @@ of charts laid out on a grid, and a drawing of them with PIL.
         A --> B
         B --> C
 
-    python mermaid.py chart.mmd -o chart.png [--size 256]    # draw a chart file
+    python mermaid.py chart.mmd -o chart.png [--size 288]    # draw a chart file
     python mermaid.py --sample 3 --seed 0                     # print sampled charts
 
 The subset (docs/SPEC.md says it in full): `flowchart TD` or
@@ -22,11 +22,16 @@ names its nodes A, B, C, ... row by row, left to right, as a reader meets them. 
 chart every edge goes down, no more sideways than down, and at least one goes more down
 than sideways; an LR chart is the same turned (right, and more right than up or down), so
 the direction can be read off the arrows. No arrow crosses another node or another arrow.
+
+As a plug-in (languages.py) it declares NAME, GRAMMAR and LONGEST, and create_images.py's hooks:
+sample, text_of, draw, held_out; render draws a chart from its text alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import itertools
 import math
 import random
@@ -46,6 +51,12 @@ SHAPES = {"box": ("[", "]"), "rounded": ("(", ")"), "diamond": ("{", "}"), "circ
 DIRECTIONS = ("TD", "LR")
 GRID = 3  # rows and columns of the layout
 MAX_NODES = 6
+MAX_EDGES = 7  # the most arrows that fit on the grid uncrossed among MAX_NODES nodes (most_edges())
+
+# The plug-in's declarations (languages.py).
+NAME = "mermaid"
+GRAMMAR = "grammars/mermaid.ebnf"  # the text as to_text writes it, stripped
+SIZE = 288  # create_images.py's default picture side: the labels read well at it
 
 
 class ParseError(ValueError):
@@ -145,10 +156,8 @@ def parse_or_none(text: str) -> Chart | None:
 
 def canonical(text: str) -> str:
     """The chart's text with its nodes in the order of their labels (ids and line order are
-    not drawn, so they are not part of what is read); the text itself where it does not parse."""
-    chart = parse_or_none(text)
-    if chart is None:
-        return text
+    not drawn, so they are not part of what is read). Raises ParseError where it does not parse."""
+    chart = parse(text)
     order = sorted(range(len(chart.nodes)), key=lambda i: chart.nodes[i].label)
     new_index = {old: new for new, old in enumerate(order)}
     return to_text(Chart(chart.direction, tuple(chart.nodes[i] for i in order),
@@ -200,6 +209,7 @@ def segment_hits_box(a: tuple[float, float], b: tuple[float, float], centre: tup
 # A node's box in cell units, as wide as the drawing makes the largest: an arrow that misses
 # it misses the drawn node.
 NODE_HALF = (0.42, 0.27)
+MARGIN = 0.06  # of the picture's side around the grid: a shifted or turned picture keeps every node whole
 
 
 def segments_cross(p: tuple, q: tuple, r: tuple, s: tuple) -> bool:
@@ -274,6 +284,67 @@ def layout_of(chart: Chart) -> list[Cell]:
     return cells
 
 
+def most_edges() -> int:
+    """The most arrows a sampled chart can have: over every placement of up to MAX_NODES
+    nodes, the largest set of allowed edges of which no two cross (what sample keeps)."""
+    best = 0
+    for count in range(2, MAX_NODES + 1):
+        for cells in itertools.combinations([(r, c) for r in range(GRID) for c in range(GRID)], count):
+            candidates = allowed_edges(list(cells))
+            crossing = [[segments_cross(cells[a], cells[b], cells[c], cells[d]) for c, d in candidates]
+                        for a, b in candidates]
+
+            def grow(i: int, chosen: list[int]):  # branch and bound over the candidates in order
+                nonlocal best
+                if len(chosen) + len(candidates) - i <= best:
+                    return
+                if i == len(candidates):
+                    best = len(chosen)
+                    return
+                if not any(crossing[i][j] for j in chosen):
+                    grow(i + 1, chosen + [i])
+                grow(i + 1, chosen)
+
+            grow(0, [])
+    return best
+
+
+# ---------------------------------------------------------------------------- the plug-in's data
+
+# The longest text a sampled chart can have: the most nodes, with the longest words in the
+# longest brackets, and the most edges (ids and arrows are the same length on every line).
+# Longest in characters; in a tokenizer's tokens a chart of shorter words that split into
+# more pieces can be a token or two longer, which generation's few more tokens cover.
+LONGEST = to_text(Chart("TD", tuple(Node(label, "circle") for label in sorted(LABELS, key=len)[-MAX_NODES:]),
+                        tuple(itertools.islice(itertools.combinations(range(MAX_NODES), 2), MAX_EDGES))))
+
+HELD_OUT_ONE_IN = 5  # about a fifth of all charts are kept for test sets alone
+
+
+def held_out(text: str) -> bool:
+    """Is this chart one that only test sets show? Decided by the SHA-256 of its canonical text,
+    so whatever the seed, the ids or the line order, no training set holds a test chart."""
+    digest = hashlib.sha256(canonical(text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % HELD_OUT_ONE_IN == 0
+
+
+def text_of(item: tuple[Chart, list[Cell]]) -> str:
+    """What the model learns to write for a sampled chart: its ids in reading order, as sampled."""
+    return to_text(item[0])
+
+
+def draw(item: tuple[Chart, list[Cell]], size: int, rng: random.Random, augment: bool) -> Image.Image:
+    """A sampled chart's picture: a style drawn from rng when augmenting, else NOMINAL."""
+    chart, cells = item
+    return draw_chart(chart, cells, size, random_style(rng) if augment else NOMINAL, rng)
+
+
+def render(text: str, size: int = SIZE) -> Image.Image:
+    """A drawing of a chart from its text alone (layout_of), in the nominal style."""
+    chart = parse(text)
+    return draw_chart(chart, layout_of(chart), size)
+
+
 # ---------------------------------------------------------------------------- drawing
 
 @dataclass(frozen=True)
@@ -281,8 +352,9 @@ class Style:
     ink: tuple[int, int, int] = (30, 30, 30)
     background: tuple[int, int, int] = (255, 255, 255)
     fill: tuple[int, int, int] | None = None  # the nodes' inside; None: the background
-    stroke: int = 2
+    stroke: int = 2  # line width in pixels at a 256-pixel picture, scaled with its side
     font_scale: float = 1.0  # of the text size that fits the nodes
+    head: float = 1.0  # arrow heads' size, of the nominal
     jitter: bool = False  # nodes moved a little in their cells
 
 
@@ -290,29 +362,41 @@ NOMINAL = Style()
 
 
 def random_style(rng: random.Random) -> Style:
+    """A look a whiteboard or an editor might give: dark ink (every channel at most 90) on a
+    light background (at least 225), nodes filled with a light colour or not, lines 1 to 4
+    pixels, the text a little smaller or larger, arrow heads small to large, nodes moved a
+    little in their cells. The ink's lightness is drawn first, so grey inks are as common as black."""
     lightness = rng.randint(0, 90)
     ink = tuple(max(0, lightness - rng.randint(0, 40)) for _ in range(3))
     background = tuple(rng.randint(225, 255) for _ in range(3))
     fill = tuple(rng.randint(200, 255) for _ in range(3)) if rng.random() < 0.4 else None
-    return Style(ink, background, fill, rng.randint(1, 3), rng.uniform(0.85, 1.1), True)
+    return Style(ink, background, fill, rng.randint(1, 4), rng.uniform(0.85, 1.15), rng.uniform(0.7, 1.5), True)
 
 
-def render(chart: Chart, cells: list[Cell], size: int = 256, style: Style = NOMINAL,
-           rng: random.Random | None = None) -> Image.Image:
+def draw_chart(chart: Chart, cells: list[Cell], size: int = SIZE, style: Style = NOMINAL,
+               rng: random.Random | None = None) -> Image.Image:
+    """A chart drawn with its nodes at these grid cells; rng moves them when the style jitters."""
     rng = rng or random.Random(0)
     image = Image.new("RGB", (size, size), style.background)
     draw = ImageDraw.Draw(image)
-    cell = size / max(GRID, *(r + 1 for r, _ in cells), *(c + 1 for _, c in cells))
+    margin = MARGIN * size
+    cell = (size - 2 * margin) / max(GRID, *(r + 1 for r, _ in cells), *(c + 1 for _, c in cells))
     half_w, half_h = NODE_HALF[0] * cell * 0.95, NODE_HALF[1] * cell * 0.95
-    font = ImageFont.load_default(size=max(6, round(0.2 * cell * style.font_scale)))
-    room = 0.04 * cell if style.jitter else 0
-    centres = [((c + 0.5) * cell + rng.uniform(-room, room), (r + 0.5) * cell + rng.uniform(-room, room))
+    font_size = max(6, round(0.2 * cell * style.font_scale))
+    width = max(1, round(style.stroke * size / 256))
+    room = 0.05 * cell if style.jitter else 0
+    centres = [(margin + (c + 0.5) * cell + rng.uniform(-room, room), margin + (r + 0.5) * cell + rng.uniform(-room, room))
                for r, c in cells]
+    fonts = [fitting_font(node.label, node.shape, font_size, (half_w, half_h), width) for node in chart.nodes]
+    # a circle is as wide as its word needs, within the node's box
+    radii = [min(half_w, max(1.25 * half_h, font.getlength(node.label) / 2 + 3 + width))
+             for node, font in zip(chart.nodes, fonts)]
     for a, b in chart.edges:
-        arrow(draw, centres[a], centres[b], (chart.nodes[a].shape, chart.nodes[b].shape), (half_w, half_h), style)
-    for node, (x, y) in zip(chart.nodes, centres):
+        arrow(draw, centres[a], centres[b], [outline(chart.nodes[i].shape, (half_w, half_h), radii[i]) for i in (a, b)],
+              width, style)
+    for node, (x, y), font, r in zip(chart.nodes, centres, fonts, radii):
         box = (x - half_w, y - half_h, x + half_w, y + half_h)
-        fill, ink, width = style.fill or style.background, style.ink, style.stroke
+        fill, ink = style.fill or style.background, style.ink
         if node.shape == "box":
             draw.rectangle(box, fill=fill, outline=ink, width=width)
         elif node.shape == "rounded":
@@ -320,29 +404,53 @@ def render(chart: Chart, cells: list[Cell], size: int = 256, style: Style = NOMI
         elif node.shape == "diamond":
             draw.polygon([(x, y - half_h * 1.2), (x + half_w, y), (x, y + half_h * 1.2), (x - half_w, y)], fill=fill,
                          outline=ink, width=width)
-        else:  # as wide as its word needs, within the node's box
-            r = min(half_w, max(1.25 * half_h, draw.textlength(node.label, font=font) / 2 + 3))
+        else:
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=ink, width=width)
         draw.text((x, y), node.label, fill=ink, font=font, anchor="mm")
     return image
 
 
-def arrow(draw: ImageDraw.ImageDraw, start, end, shapes: tuple[str, str], half: tuple[float, float], style: Style):
-    """A straight arrow between two nodes' edges, its head at the end."""
+def outline(shape: str, half: tuple[float, float], radius: float):
+    """A function of a unit direction (ux, uy): the distance from a node's centre to its outline."""
+    if shape == "circle":
+        return lambda ux, uy: radius
+    if shape == "diamond":  # |x| / half width + |y| / (1.2 half height) = 1
+        return lambda ux, uy: 1 / (abs(ux) / half[0] + abs(uy) / (1.2 * half[1]))
+    return lambda ux, uy: min(half[0] / max(abs(ux), 1e-6), half[1] / max(abs(uy), 1e-6))
+
+
+@functools.cache
+def font_of_size(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def fitting_font(label: str, shape: str, size: int, half: tuple[float, float], width: int) -> ImageFont.FreeTypeFont:
+    """The font of this size, or smaller until the label fits inside its node's outline (a
+    diamond is narrow above and below its middle, so long words get a smaller font there)."""
+    while True:
+        font = font_of_size(size)
+        rise = 0.4 * size  # half the height of a capital, about
+        if shape == "diamond":
+            room = 2 * half[0] * (1 - rise / (1.2 * half[1]))
+        elif shape == "circle":
+            room = 2 * math.sqrt(max(0.0, half[0] ** 2 - rise ** 2))
+        else:
+            room = 2 * half[0]
+        if size <= 6 or font.getlength(label) <= room - 2 * width - 6:
+            return font
+        size -= 1
+
+
+def arrow(draw: ImageDraw.ImageDraw, start, end, outlines, width: int, style: Style):
+    """A straight arrow from one node's outline to the other's, its head at the end."""
     dx, dy = end[0] - start[0], end[1] - start[1]
     length = math.hypot(dx, dy)
     ux, uy = dx / length, dy / length
-
-    def leave(shape: str) -> float:  # distance from a node's centre to its outline along the arrow
-        if shape == "circle":  # its radius, at most the box's half width
-            return min(half[0], 1.25 * half[1]) if abs(uy) > abs(ux) else half[0] * 0.8
-        scale = 1.2 if shape == "diamond" else 1.0
-        return min(half[0] / max(abs(ux), 1e-6), scale * half[1] / max(abs(uy), 1e-6))
-
-    a = (start[0] + ux * leave(shapes[0]), start[1] + uy * leave(shapes[0]))
-    b = (end[0] - ux * leave(shapes[1]), end[1] - uy * leave(shapes[1]))
-    draw.line([a, b], fill=style.ink, width=style.stroke)
-    head = 4 + 2 * style.stroke
+    leave, reach = outlines[0](ux, uy), outlines[1](ux, uy) + width / 2  # the head's tip on the outline
+    a = (start[0] + ux * leave, start[1] + uy * leave)
+    b = (end[0] - ux * reach, end[1] - uy * reach)
+    draw.line([a, b], fill=style.ink, width=width)
+    head = (4 + 2 * width) * style.head
     draw.polygon([b, (b[0] - ux * head - uy * head * 0.6, b[1] - uy * head + ux * head * 0.6),
                   (b[0] - ux * head + uy * head * 0.6, b[1] - uy * head - ux * head * 0.6)], fill=style.ink)
 
@@ -351,7 +459,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Draw a Mermaid flowchart of the subset, or sample some.")
     parser.add_argument("file", nargs="?", help="a chart file, or - for standard input")
     parser.add_argument("-o", "--output", help="the picture to write (PNG)")
-    parser.add_argument("--size", type=int, default=256, help="picture side in pixels")
+    parser.add_argument("--size", type=int, default=SIZE, help="picture side in pixels")
     parser.add_argument("--sample", type=int, default=0, help="print this many sampled charts instead")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -368,7 +476,7 @@ def main(argv=None):
         parser.exit(2, f"mermaid.py: error: {args.file}: {error}\n")
     try:
         with files.replacing(args.output) as temporary:
-            render(chart, layout_of(chart), args.size).save(temporary)
+            draw_chart(chart, layout_of(chart), args.size).save(temporary)
     except files.DiskFull as error:
         parser.exit(1, f"mermaid.py: error: {error}\n")
     except (OSError, ValueError) as error:

@@ -261,3 +261,75 @@ def test_a_full_disk_is_one_line_and_status_1_with_nothing_half_written(tmp_path
     assert not [path for path in tmp_path.rglob("*") if path.name.startswith(files.TEMPORARY)]
     for path in (tmp_path / "images").iterdir():
         assert data.image_problem(path) is None, path
+
+
+# ---------------------------------------------------------------------------- other DSLs (--dsl)
+
+@pytest.fixture(scope="module")
+def two_mermaid_runs(tmp_path_factory):
+    runs = []
+    for name in ("mermaid_a", "mermaid_b"):
+        out = tmp_path_factory.mktemp(name)
+        result = generate(out, "--dsl", "mermaid", "--num_samples", "40", "--num_test", "10", "--seed", "1")
+        assert result.returncode == 0, result.stderr
+        runs.append(out)
+    return runs
+
+
+def test_mermaid_data_parse_and_hold_out_their_test_charts(two_mermaid_runs):
+    import mermaid
+
+    out = two_mermaid_runs[0]
+    train, test = read_rows(out / "data.csv"), read_rows(out / "test.csv")
+    assert len(train) == 40 and len(test) == 10
+    for row in train + test:
+        chart = mermaid.parse(row["dsl"])
+        assert row["dsl"] == mermaid.to_text(chart), "as the model writes it: ids in reading order"
+        assert Image.open(out / row["image_path"]).size == (mermaid.SIZE, mermaid.SIZE)
+    tested = [mermaid.canonical(row["dsl"]) for row in test]
+    assert len(set(tested)) == len(tested), "test charts are all different"
+    assert all(map(mermaid.held_out, tested))
+    assert not any(mermaid.held_out(row["dsl"]) for row in train) and not set(tested) & {
+        mermaid.canonical(row["dsl"]) for row in train}
+
+
+def test_mermaid_same_arguments_give_identical_files(two_mermaid_runs):
+    a, b = two_mermaid_runs
+    assert contents(a) == contents(b) and len(contents(a)) == 40 + 10 + 2
+
+
+DSL_WITHOUT_HOOKS = "GRAMMAR = None\n\ndef canonical(text):\n    return text\n"
+
+# Three texts, one held out: two different test texts cannot be found.
+DSL_OF_THREE = DSL_WITHOUT_HOOKS + """
+def sample(rng):
+    return rng.choice("abc")
+
+def text_of(item):
+    return item
+
+def draw(item, size, rng, augment):
+    from PIL import Image
+    return Image.new("RGB", (size, size))
+
+def held_out(text):
+    return text == "a"
+"""
+
+
+def test_a_dsl_without_the_hooks_or_with_too_few_test_texts_is_one_line(tmp_path):
+    (tmp_path / "bare.py").write_text(DSL_WITHOUT_HOOKS)
+    (tmp_path / "three.py").write_text(DSL_OF_THREE)
+    for dsl_name, status, message in (
+            ("text", 2, "text lacks sample, text_of, draw, held_out"),
+            (str(tmp_path / "bare.py"), 2, "bare.py lacks sample, text_of, draw, held_out"),
+            (str(tmp_path / "three.py"), 2, "found 1 different held-out")):
+        result = generate(tmp_path / "out", "--dsl", dsl_name, "--num_samples", "3", "--num_test", "2")
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert result.returncode == status and len(errors) == 1 and message in errors[0], result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "out" / "data.csv").exists()
+    result = generate(tmp_path / "out", "--dsl", str(tmp_path / "three.py"), "--num_samples", "3", "--num_test", "1",
+                      "--size", "8")
+    assert result.returncode == 0, result.stderr
+    assert [row["dsl"] for row in read_rows(tmp_path / "out" / "test.csv")] == ["a"]
+    assert {row["dsl"] for row in read_rows(tmp_path / "out" / "data.csv")} <= {"b", "c"}

@@ -1,11 +1,14 @@
-"""mermaid.py: the flowchart subset's text, its sampler on a grid, and its drawing."""
+"""mermaid.py: the flowchart subset's text, its sampler on a grid, its drawing, its grammar and
+its plug-in parts."""
 
 import random
+import re
 import subprocess
 import sys
 
 import pytest
 
+import languages
 import mermaid
 from conftest import ROOT
 from mermaid import Chart, Node
@@ -67,6 +70,13 @@ def test_canonical_text_ignores_ids_line_order_and_whitespace():
         "flowchart TD\n  A[Load] --> B[Save]")
 
 
+@pytest.mark.parametrize("text", ["", "not a chart", "flowchart TD\nA[Banana]", "flowchart TD\nA[Load] --> B"])
+def test_canonical_refuses_text_that_does_not_parse(text):
+    with pytest.raises(mermaid.ParseError):
+        mermaid.canonical(text)
+    assert issubclass(mermaid.ParseError, ValueError) and not languages.load("mermaid").is_valid(text)
+
+
 @pytest.mark.parametrize("text, says", [
     ("graph TD\nA[Load]", "line 1: expected `flowchart TD`"),
     ("flowchart TD\nA[Banana]", "line 2: 'Banana' is not a label"),
@@ -97,11 +107,97 @@ def test_scores_count_nodes_and_edges_by_their_labels():
 def test_the_drawing_is_a_function_of_chart_cells_style_and_seed():
     chart, cells = mermaid.sample(random.Random(4))
     style = mermaid.random_style(random.Random(5))
-    first = mermaid.render(chart, cells, 224, style, random.Random(6))
-    assert first.tobytes() == mermaid.render(chart, cells, 224, style, random.Random(6)).tobytes()
+    first = mermaid.draw_chart(chart, cells, 224, style, random.Random(6))
+    assert first.tobytes() == mermaid.draw_chart(chart, cells, 224, style, random.Random(6)).tobytes()
     assert first.size == (224, 224) and first.getpixel((0, 0)) == style.background
     other = Chart(chart.direction, (Node("Approve", "circle"),) + chart.nodes[1:], chart.edges)
-    assert mermaid.render(other, cells, 224, style, random.Random(6)).tobytes() != first.tobytes()
+    assert mermaid.draw_chart(other, cells, 224, style, random.Random(6)).tobytes() != first.tobytes()
+
+
+def test_every_label_fits_inside_its_node_in_every_shape():
+    cell = (mermaid.SIZE * (1 - 2 * mermaid.MARGIN)) / mermaid.GRID
+    half = (mermaid.NODE_HALF[0] * cell * 0.95, mermaid.NODE_HALF[1] * cell * 0.95)
+    for label in mermaid.LABELS:
+        for shape in mermaid.SHAPES:
+            font = mermaid.fitting_font(label, shape, round(0.2 * cell * 1.15), half, 4)
+            assert font.size >= 10 and font.getlength(label) < 2 * half[0], (label, shape, font.size)
+
+
+# ---------------------------------------------------------------------------- the plug-in's parts
+
+def test_it_is_a_plug_in_with_the_data_hooks():
+    language = languages.load("mermaid")
+    assert mermaid.NAME == "mermaid" and language.grammar_file.is_file() and language.tokens == ()
+    for hook in ("sample", "text_of", "draw", "held_out", "render", "canonical", "score"):
+        assert callable(language.part(hook)), hook
+
+
+def test_longest_is_the_longest_text_a_sampled_chart_can_have():
+    assert mermaid.most_edges() == mermaid.MAX_EDGES
+    longest = mermaid.parse(mermaid.LONGEST)
+    assert len(longest.nodes) == mermaid.MAX_NODES and len(longest.edges) == mermaid.MAX_EDGES
+    rng = random.Random(7)
+    texts = [mermaid.text_of(mermaid.sample(rng)) for _ in range(2000)]
+    assert max(map(len, texts)) <= len(mermaid.LONGEST)
+    assert max(len(mermaid.parse(text).edges) for text in texts) == mermaid.MAX_EDGES  # reached, not only bound
+
+
+def test_a_fifth_of_charts_are_held_out_by_their_canonical_text():
+    rng = random.Random(8)
+    texts = [mermaid.text_of(mermaid.sample(rng)) for _ in range(3000)]
+    assert 0.17 < sum(map(mermaid.held_out, texts)) / len(texts) < 0.23
+    for text in texts[:200]:  # the same chart, its lines in another order and other ids, is decided alike
+        lines = text.strip().split("\n")
+        renamed = re.sub(r"\b([A-F])\b", lambda m: "n" + m.group(1).lower(), "\n".join([lines[0]] + lines[:0:-1]))
+        assert mermaid.held_out(renamed) == mermaid.held_out(text)
+
+
+def test_the_data_hooks_draw_a_sampled_chart_and_its_text():
+    item = mermaid.sample(random.Random(9))
+    assert mermaid.text_of(item) == mermaid.to_text(item[0])
+    nominal = mermaid.draw(item, 96, random.Random(1), augment=False)
+    assert nominal.size == (96, 96) and nominal.getpixel((0, 0)) == mermaid.NOMINAL.background
+    assert nominal.tobytes() == mermaid.draw(item, 96, random.Random(2), augment=False).tobytes()
+    styled = [mermaid.draw(item, 96, random.Random(seed), augment=True) for seed in range(5)]
+    assert len({picture.tobytes() for picture in styled}) == 5
+    page = mermaid.render(mermaid.text_of(item), 128)
+    assert page.size == (128, 128) and len(page.getcolors(1 << 16)) > 1
+
+
+# ---------------------------------------------------------------------------- the grammar
+
+def test_the_grammar_names_the_labels_and_bounds_of_the_module():
+    grammar = languages.load("mermaid").grammar
+    assert set(re.findall(r'"(\w+)"', grammar.split("label ::=")[1])) == set(mermaid.LABELS)
+    assert f"node{{2,{mermaid.MAX_NODES}}}" in grammar and f"edge{{1,{mermaid.MAX_EDGES}}}" in grammar
+
+
+def test_the_grammar_accepts_every_sampled_text_token_by_token_and_nothing_broken(smollm2_tokenizer_dir):
+    """Over the real SmolLM2 tokenizer, as constrained decoding runs it: each sampled text (stripped),
+    then the end-of-text token, ends the grammar; broken texts are refused on the way."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer)).compile_grammar(
+        languages.load("mermaid").grammar)
+
+    def accepted(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled)
+        tokens = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return all(matcher.accept_token(token) for token in tokens) and matcher.is_terminated()
+
+    rng = random.Random(10)
+    texts = [mermaid.text_of(mermaid.sample(rng)).strip() for _ in range(300)] + [mermaid.LONGEST.strip()]
+    assert all(map(accepted, texts))
+    good = "flowchart TD\n    A[Load]\n    B{Check}\n    A --> B"
+    assert accepted(good)
+    for broken in (good.replace("Check", "Banana"), good.replace("-->", "--->"), good.replace("flowchart TD", "flowchart"),
+                   good + "\n", good.replace("    A[", "  A["), good.replace("A --> B", "A[Load] --> B"),
+                   good.replace("flowchart TD\n    A[Load]", "flowchart TD"),  # one node
+                   "flowchart LR\n" + "\n".join(f"    {chr(65 + i)}[{w}]" for i, w in enumerate(mermaid.LABELS[:7]))
+                   + "\n    A --> B"):  # seven nodes
+        assert not accepted(broken), broken
 
 
 def test_mermaid_py_draws_a_chart_file_and_samples_charts(tmp_path):
