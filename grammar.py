@@ -68,13 +68,12 @@ class GrammarLogitsProcessor(LogitsProcessor):
             if done:
                 self.bitmask[i] = 0
                 self.bitmask[i, self.end_token_id // 32] = 1 << (self.end_token_id % 32)
-        # Unpacking the bits with numpy and one masked_fill_ is faster on the CPU than
+        # Unpacking the bits with numpy and one masked_fill is faster on the CPU than
         # xgrammar's own apply_token_bitmask_inplace (a loop over rows).
         bits = np.unpackbits(self.bitmask[:len(scores)].numpy().view(np.uint8), axis=1,
-                             count=self.vocab_size, bitorder="little").view(np.bool_)
-        scores[:, :self.vocab_size].masked_fill_(~torch.from_numpy(bits).to(scores.device), float("-inf"))
-        scores[:, self.vocab_size:] = float("-inf")  # rows of the model's embedding table beyond the tokenizer's
-        return scores
+                             count=scores.shape[1], bitorder="little").view(np.bool_)
+        # Not in place: generate keeps these very logits for output_logits (confidences).
+        return scores.masked_fill(~torch.from_numpy(bits).to(scores.device), float("-inf"))
 
 
 def logits_processor(grammar: Grammar, tokenizer, batch_size: int, end_token_id: int | None = None

@@ -51,11 +51,13 @@ def test_masks_equal_next_tags_for_every_prefix_of_every_diagram(tiny):
                 assert torch.equal(masked[:50].isfinite(), torch.from_numpy(bits.astype(bool)))
 
 
-def test_a_tag_spelled_out_of_ordinary_tokens_is_not_allowed(tiny):
+def test_a_tag_spelled_out_of_ordinary_tokens_is_not_allowed_and_scores_stay(tiny):
     _, tokenizer = tiny
     processor = grammar.logits_processor(grammar.Grammar.from_file(DIAGRAM), tokenizer, 1,
                                          tokenizer.convert_tokens_to_ids(dsl.END))
-    allowed = processor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, len(tokenizer))).isfinite()
+    scores = torch.zeros(1, len(tokenizer))
+    allowed = processor(torch.zeros(1, 0, dtype=torch.long), scores).isfinite()
+    assert scores.isfinite().all()  # not masked in place: generate keeps them as output_logits
     assert allowed.nonzero()[:, 1].tolist() == [tokenizer.convert_tokens_to_ids(dsl.START)]
     assert len(tokenizer("<StartDiagram>", add_special_tokens=False, split_special_tokens=True).input_ids) > 1
 
