@@ -34,7 +34,7 @@ DSL_TOKENS = (START, END) + tuple(f"<{name}>" for name in SIZES + SHAPES + POSIT
 
 # The plug-in's declarations (languages.py).
 NAME = "diagram"
-GRAMMAR = "grammars/diagram.ebnf"  # the tags the model writes (to_target), in canonical order
+GRAMMAR = "grammars/diagram.lark"  # the tags the model writes (to_target), in canonical order
 TOKENS = DSL_TOKENS
 
 MAX_ELEMENTS = len(POSITIONS)

@@ -14,11 +14,13 @@ half folder. It holds:
     clip/NAME.json          the tower's open_clip architecture
     projector.safetensors   the projector (feature statistics, LayerNorm, MLP, position embeddings)
     reader_config.json      what reading needs: the block, image size, merge, preprocessing, the
-                            prompt's token ids, the solved examples, the DSL's vocabulary, the dtype
+                            prompt's token ids, the solved examples, the DSL's files, the dtype
     examples/               the solved example pictures the prompt shows (few-shot configurations)
     read.py                 the reader (read_exported.py): it reads as inference.py does (the DSL's
                             grammar, batches) and imports only torch, transformers, open_clip,
-                            safetensors and PIL: python read.py FOLDER picture.png
+                            safetensors, PIL, xgrammar and the two files below: python read.py FOLDER picture.png
+    grammar.py              constrained decoding from a grammar file (the repo's grammar.py)
+    dsl/                    the DSL's module (its canonical form) and its grammar file
     README.md               a model card with the hub's front matter and the scores read.py itself
                             measured; it names no local path
 """
@@ -37,24 +39,21 @@ from safetensors.torch import save_file
 
 import checkpoint
 import data
-import dsl
 import files
 import hardware
 import language_model
+import languages
 import read_exported
 import settings
-from model import CheckpointError, DiagramReader, ModelConfig
+from model import CheckpointError, DiagramReader, ModelConfig, read_json
 from settings import setting
 
 HUB_NAMES = {language_model.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-# The DSL's vocabulary, for read.py's own copy of the grammar (dsl.next_tags).
-GRAMMAR = {"start": dsl.START, "end": dsl.END, "sizes": [f"<{s}>" for s in dsl.SIZES],
-           "shapes": [f"<{s}>" for s in dsl.SHAPES], "positions": [f"<{p}>" for p in dsl.POSITIONS]}
 # What the card says the model was trained with: what it is, not how training ran.
 CARD_SETTINGS = ("llm", "llm_layers", "clip_model", "clip_pretrained", "image_features", "clip_layer", "image_size",
                  "patch_merge", "projector", "image_positions", "lora_r", "lora_alpha", "lora_target_modules",
-                 "num_shots", "instruction", "target_format")
-PATH_SETTINGS = ("llm", "clip_model", "clip_pretrained")  # may name a local file or folder
+                 "num_shots", "instruction", "target_format", "dsl")
+PATH_SETTINGS = ("llm", "clip_model", "clip_pretrained", "dsl")  # may name a local file or folder
 
 
 @dataclass
@@ -76,7 +75,7 @@ def export(reader: DiagramReader, state: dict, out: Path, args: Arguments, eval_
     itself, from what was written. Returns reader_config."""
     with files.replacing_folder(out) as folder:
         config = write_model(reader, folder, args.dtype)
-        scores = measure(folder, eval_rows, args.eval_csv) if eval_rows else None
+        scores = measure(folder, eval_rows, args.eval_csv, reader.language) if eval_rows else None
         (folder / "README.md").write_text(model_card(reader.config, state, scores))
     return config
 
@@ -109,24 +108,41 @@ def write_model(reader: DiagramReader, out: Path, dtype: str) -> dict:
               "preprocess": vision.visual.preprocess_cfg, "instruction": reader.config.instruction,
               "instruction_ids": reader.instruction_ids, "image_start_id": reader.image_start_id,
               "image_end_id": reader.image_end_id, "end_id": reader.end_id,
-              "max_new_tokens": reader.max_dsl_tokens + 8,
-              "target_format": reader.config.target_format, "position_first": False,
-              "grammar": GRAMMAR, "examples": examples, "dtype": dtype,
+              "max_new_tokens": reader.max_dsl_tokens + 8, "appends_end": reader.appends_end,
+              **write_dsl(reader, out), "examples": examples, "dtype": dtype,
               "trained_with": card_settings(reader.config)}
     (out / "reader_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
     shutil.copy(Path(__file__).with_name("read_exported.py"), out / "read.py")
+    shutil.copy(Path(__file__).with_name("grammar.py"), out / "grammar.py")
     return config
 
 
-def measure(folder: Path, rows: list[data.Row], csv_path: str) -> dict:
+def write_dsl(reader: DiagramReader, out: Path) -> dict:
+    """The DSL's module and grammar file, copied into the folder: read.py's canonical form and
+    constrained decoding (the grammar file is also what a vLLM structured-output request takes)."""
+    language = reader.language
+    if language.module is None:  # free text
+        return {"dsl_module": "", "grammar": ""}
+    module = Path(language.module.__file__)
+    (out / "dsl").mkdir()
+    shutil.copy(module, out / "dsl" / module.name)
+    grammar = ""
+    if language.grammar_file and reader.config.target_format != "text":  # the grammar is of the DSL's target
+        grammar = f"dsl/{language.grammar_file.name}"
+        shutil.copy(language.grammar_file, out / grammar)
+    return {"dsl_module": f"dsl/{module.name}", "grammar": grammar}
+
+
+def measure(folder: Path, rows: list[data.Row], csv_path: str, language: languages.Language) -> dict:
     """The scores of the reader in `folder` (read.py's code) on the CSV's rows."""
     reader = read_exported.Reader(folder)
     readings = reader.read([data.load_image(row.image_path) for row in rows])
-    scores = dsl.score(readings, [row.dsl for row in rows])
-    print(f"{csv_path}: exact match {scores['exact_match']:.4f}, element F1 {scores['element_f1']:.4f} "
+    scores = language.score(readings, [row.dsl for row in rows])
+    scores.pop("by_count", None)
+    print(f"{csv_path}: exact match {scores['exact_match']:.4f}, character error rate {scores['cer']:.4f} "
           f"on {scores['n']} pictures, read by the exported reader", file=sys.stderr)
     return {"csv": Path(csv_path).name, "date": time.strftime("%Y-%m-%d"), "machine": hardware.describe(reader.device),
-            **{k: scores[k] for k in ("n", "exact_match", "element_f1", "valid_rate")}}
+            **scores}
 
 
 def local_name(value: str) -> str:
@@ -149,33 +165,33 @@ def hub_id(llm: str) -> str | None:
 def model_card(config: ModelConfig, state: dict, scores: dict | None) -> str:
     base = hub_id(config.llm)
     validation = state.get("validation") or {}
+    name = local_name(config.dsl)
     lines = ["---", *([f"base_model: {base}"] if base else []), "library_name: transformers",
              "pipeline_tag: image-text-to-text", "tags:",
              *(f"  - {t}" for t in ("diagrams", "dsl", "lora", "clip", "llava", "vision-language")),
-             "---", "", "# Diagram reader", "",
-             f"Reads pictures of simple diagrams (up to four shapes, one per quadrant) into a small DSL. A frozen "
+             "---", "", f"# Picture reader: {name}", "",
+             f"Reads pictures into the DSL `{name}` (its module and grammar file are in `dsl/`). A frozen "
              f"CLIP {Path(config.clip_model).stem} image tower ({local_name(config.clip_pretrained)} weights), a "
              f"projector and {base or local_name(config.llm)} with a merged LoRA adapter (r={config.lora_r}, on "
-             f"{', '.join(config.lora_target_modules)}) and the DSL's tags as new tokens.", "", "## Scores", ""]
+             f"{', '.join(config.lora_target_modules)}) and the DSL's tokens as new tokens.", "", "## Scores", ""]
     if scores:
+        own = "".join(f", {k[:-3].replace('_', ' ')} F1 {v:.4f}" for k, v in scores.items() if k.endswith("_f1"))
         lines.append(f"On {scores['csv']} ({scores['n']} pictures), read by `read.py` as exported, measured "
-                     f"{scores['date']} on {scores['machine']}: exact match {scores['exact_match']:.4f}, element "
-                     f"F1 {scores['element_f1']:.4f}, valid {scores['valid_rate']:.4f}.")
+                     f"{scores['date']} on {scores['machine']}: exact match {scores['exact_match']:.4f}{own}, "
+                     f"valid {scores['valid_rate']:.4f}, character error rate {scores['cer']:.4f}.")
     if validation:
-        lines.append(f"During training: validation exact match {validation['exact_match']:.4f} and element F1 "
-                     f"{validation['element_f1']:.4f} at step {state['step']}.")
+        lines.append(f"During training: validation exact match {validation['exact_match']:.4f} at step "
+                     f"{state['step']}.")
     if not scores and not validation:
         lines.append("Not measured: export with --eval_csv to put scores here.")
-    grammar = "greedy decoding" if config.target_format == "text" else \
-        "greedy decoding that follows the DSL's grammar (only the tags it allows next)"
-    lines += ["", "## Use", "", "```", "pip install torch transformers open_clip_torch safetensors pillow",
+    grammar = "greedy decoding" if config.target_format == "text" or config.dsl == "text" else \
+        "greedy decoding that follows the DSL's grammar file (only the tokens it allows next)"
+    lines += ["", "## Use", "", "```", "pip install torch transformers open_clip_torch safetensors pillow xgrammar",
               "python read.py . picture.png [more.png ...]", "```", "",
               "`read.py` (in this folder) is the whole reader: it loads `llm/` with `AutoModelForCausalLM`, runs "
               f"the image tower up to the block it reads, the projector, and {grammar} after the prompt "
-              f"({config.num_shots} solved example(s), then the picture), a batch of pictures at a time.", "",
-              "The DSL: `<StartDiagram>`, then one line `<Size> <Shape> <Position>` per element (Large, Medium, "
-              "Small; Circle, Square, Triangle; TopLeft, TopRight, BottomLeft, BottomRight; in that order of "
-              "positions), then `<EndDiagram>`.", ""]
+              f"({config.num_shots} solved example(s), then the picture), a batch of pictures at a time. The "
+              "grammar file is also what a vLLM structured-output request takes.", ""]
     return "\n".join(lines)
 
 
@@ -203,8 +219,9 @@ def main(args: Arguments, checkpoint_path: str, out_dir: str) -> int:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not an empty folder: export into a new one")
-    eval_rows = data.read_dataset(args.eval_csv)[0] if args.eval_csv else []  # a bad CSV stops before any write
     folder, why = checkpoint.find(checkpoint_path)
+    language = languages.load(read_json(folder / "config.json").get("dsl", "diagram"))
+    eval_rows = data.read_dataset(args.eval_csv, language=language)[0] if args.eval_csv else []  # before any write
     print(f"checkpoint {folder} ({why})", file=sys.stderr)
     reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[args.dtype], merge=True)
     state = checkpoint.read_state(folder) if (folder / "state.json").is_file() else {}

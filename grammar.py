@@ -1,16 +1,19 @@
-"""Constrained decoding from a grammar file (Lark, grammars/*.lark) with xgrammar.
+"""Constrained decoding from a grammar file with xgrammar: EBNF (grammars/mermaid.ebnf) or Lark
+(grammars/diagram.lark), the notations vLLM's structured output takes.
 
     g = Grammar.from_file("grammars/diagram.lark")
     processor = logits_processor(g, tokenizer, batch_size, end_token_id)
     llm.generate(inputs_embeds=..., logits_processor=[processor], eos_token_id=end_token_id, ...)
 
-A tag written `<Large>` in the grammar is the tokenizer's special token of that name
-and nothing else: the same text spelled out of ordinary tokens is not allowed.
+In Lark, a tag written `<Large>` (no quotes) is the tokenizer's special token of that name
+and nothing else: the same text spelled out of ordinary tokens is not allowed. EBNF can name
+a special token only by its id, so a DSL with tokens of its own writes its grammar in Lark.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +22,26 @@ import xgrammar
 from transformers import LogitsProcessor
 
 
+@dataclass(frozen=True)
 class Grammar:
-    def __init__(self, text: str):
-        self.text = text
+    text: str
+    notation: str = "lark"  # or "ebnf"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Grammar":
-        return cls(Path(path).read_text())
+        """A .lark file, or EBNF (.ebnf, .gbnf)."""
+        path = Path(path)
+        return cls(path.read_text(), "lark" if path.suffix == ".lark" else "ebnf")
 
 
 @functools.lru_cache(maxsize=16)
-def _compile(text: str, tokenizer, vocab_size: int) -> xgrammar.CompiledGrammar:
+def _compile(grammar: Grammar, tokenizer, vocab_size: int) -> xgrammar.CompiledGrammar:
     # Once per (grammar, tokenizer): reading the vocabulary is the slow part. vocab_size
     # is in the key so that a tokenizer given new tokens afterwards is read again.
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-    # xgrammar's EBNF names a special token only by id; its Lark reads <Name> from the vocabulary.
-    return xgrammar.GrammarCompiler(info).compile_grammar(xgrammar.Grammar.from_lark(text, tokenizer_info=info))
+    parsed = (xgrammar.Grammar.from_lark(grammar.text, tokenizer_info=info) if grammar.notation == "lark"
+              else xgrammar.Grammar.from_ebnf(grammar.text))
+    return xgrammar.GrammarCompiler(info).compile_grammar(parsed)
 
 
 class GrammarLogitsProcessor(LogitsProcessor):
@@ -82,4 +89,4 @@ def logits_processor(grammar: Grammar, tokenizer, batch_size: int, end_token_id:
     that ends a row (the grammar's last token, or by default the tokenizer's EOS, which the
     grammar then allows where its text may end)."""
     end = tokenizer.eos_token_id if end_token_id is None else end_token_id
-    return GrammarLogitsProcessor(_compile(grammar.text, tokenizer, len(tokenizer)), batch_size, end)
+    return GrammarLogitsProcessor(_compile(grammar, tokenizer, len(tokenizer)), batch_size, end)

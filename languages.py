@@ -55,13 +55,8 @@ class Language:
         return getattr(self.module, name, None)
 
     @property
-    def grammar(self) -> str | None:
-        """The grammar file's text, or None (free text, or a DSL without one)."""
-        path = self.grammar_file
-        return path.read_text() if path else None
-
-    @property
     def grammar_file(self) -> Path | None:
+        """None: free text, or a DSL without a grammar."""
         grammar = self.part("GRAMMAR")
         return Path(self.module.__file__).parent / grammar if grammar else None
 

@@ -42,8 +42,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-import files
-
 LABELS = ("Start", "End", "Load", "Save", "Check", "Retry", "Parse", "Send", "Wait", "Stop", "Done", "Error",
           "Input", "Output", "Read", "Write", "Login", "Fetch", "Build", "Test", "Deploy", "Review", "Approve",
           "Reject")
@@ -456,6 +454,8 @@ def arrow(draw: ImageDraw.ImageDraw, start, end, outlines, width: int, style: St
 
 
 def main(argv=None):
+    import files  # the repo's writer; the module itself needs only PIL, so an export can carry it
+
     parser = argparse.ArgumentParser(description="Draw a Mermaid flowchart of the subset, or sample some.")
     parser.add_argument("file", nargs="?", help="a chart file, or - for standard input")
     parser.add_argument("-o", "--output", help="the picture to write (PNG)")

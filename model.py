@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import data
+import grammar
 import language_model
 import languages
 from language_model import IMAGE_END, IMAGE_START
@@ -343,6 +344,8 @@ class DiagramReader(nn.Module):
         self.appends_end = self.language.part("END") is None
         self.end_id = tokenizer.eos_token_id if self.appends_end else ids(self.language.part("END"))
         self.instruction_ids = tokenizer(config.instruction).input_ids  # with BOS where the tokenizer adds one
+        grammar_file = self.language.grammar_file
+        self.grammar = grammar.Grammar.from_file(grammar_file) if grammar_file else None
         longest = self.language.part("LONGEST")
         self.max_dsl_tokens = len(self.dsl_ids(longest)) if longest else languages.DEFAULT_LONGEST_TOKENS
 
@@ -499,30 +502,23 @@ class DiagramReader(nn.Module):
 
     # -- generation: the one path that validation, inference and the benchmark share
 
-    def allowed_tokens(self, _batch_index: int, generated: torch.Tensor) -> list[int]:
-        """The DSL grammar (dsl.next_tags) as token ids: generation can only write valid DSL."""
-        tags = self.tokenizer.convert_ids_to_tokens(generated.tolist())
-        import dsl  # TEMPORARY until the grammar library
-        if dsl.END in tags:
-            return [self.end_id]  # finished: the row is padded from here on
-        return self.tokenizer.convert_tokens_to_ids(dsl.next_tags(tags))
-
     @torch.no_grad()
     def generate(self, images: torch.Tensor, example_dsls: list[list[str]],
                  constrained: bool = True) -> tuple[list[str], list[float]]:
         """Greedy, batched, KV-cached decoding of image features [B, shots + 1, T, D].
-        Returns the raw texts up to <EndDiagram> and each one's confidence: the lowest
-        probability the model gave to a token it chose. `constrained` (tags format only)
-        lets the grammar decide which tokens may come next."""
+        Returns the raw texts up to the end token and each one's confidence: the lowest
+        probability the model gave to a token it chose. `constrained` lets the DSL's grammar
+        file decide which tokens may come next (for what the DSL says the model writes: not
+        with target_format text)."""
         batch = self.collate(images, example_dsls)
         device = self.projector.feature_mean.device
         embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["images"].to(device)))
-        grammar = (self.allowed_tokens if constrained and self.config.target_format != "text"
-                   and self.language.name == "diagram" else None)
+        rules = self.grammar if constrained and self.config.target_format != "text" else None
+        processors = [grammar.logits_processor(rules, self.tokenizer, len(embeddings), self.end_id)] if rules else []
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
                                 max_new_tokens=self.max_dsl_tokens + 8,
                                 do_sample=False, num_beams=1, eos_token_id=self.end_id,
-                                pad_token_id=self.tokenizer.pad_token_id, prefix_allowed_tokens_fn=grammar,
+                                pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors,
                                 output_logits=True, return_dict_in_generate=True)
         chosen = out.sequences[:, -len(out.logits):]
         # Probabilities over the whole vocabulary, before the grammar's mask: how sure the model is.

@@ -1,13 +1,14 @@
-"""Read diagrams with a model that export.py wrote, using none of the training repo's code.
+"""Read pictures with a model that export.py wrote, using none of the training repo's code.
 
     python read.py MODEL_FOLDER picture.png [more.png ...]
 
-Needs torch, transformers, open_clip_torch, safetensors and pillow. Reads as the repo's
-inference.py does: a batch of pictures at a time, greedy decoding that follows the DSL's
-grammar (only the tags it allows next), each picture's DSL printed as canonical text.
+Needs torch, transformers, open_clip_torch, safetensors, pillow and xgrammar. Reads as the
+repo's inference.py does: a batch of pictures at a time, greedy decoding that follows the
+DSL's grammar file (grammar.py and the DSL's module are in this folder), each picture's
+text printed in the DSL's canonical form.
 """
+import importlib.util
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 BATCH = 128  # pictures decoded together: every prompt has the same length, so no padding
-TAG = re.compile(r"<[^<>\s]*>")
 
 
 class Reader:
@@ -39,6 +39,11 @@ class Reader:
         attention = "eager" if self.device.type == "cpu" else "sdpa"  # eager is the faster on a CPU for prompts this short
         self.llm = AutoModelForCausalLM.from_pretrained(self.folder / "llm", dtype=getattr(torch, config["dtype"]), attn_implementation=attention).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder / "llm")
+        # The DSL: its own module (canonical form) and grammar file, and the repo's grammar.py (constrained
+        # decoding), all copied into the folder by export.py.
+        self.dsl = load_module(self.folder / config["dsl_module"]) if config["dsl_module"] else None
+        self.decoding = load_module(self.folder / "grammar.py")
+        self.grammar = self.decoding.Grammar.from_file(self.folder / config["grammar"]) if config["grammar"] else None
 
     def image_tokens(self, pictures: list[Image.Image]) -> torch.Tensor:
         """Pictures -> image tokens [B, T, hidden]: one block's patch tokens, k x k neighbours merged, projected."""
@@ -52,16 +57,10 @@ class Reader:
         x = x.view(b, g // k, k, g // k, k, width).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * width)
         return project(x.float(), self.projector).to(self.llm.dtype)
 
-    def allowed(self, _row: int, written: torch.Tensor) -> list[int]:
-        """The grammar as token ids; a finished row may only repeat <EndDiagram> (generate pads it)."""
-        tags, grammar = self.tokenizer.convert_ids_to_tokens(written.tolist()), self.config["grammar"]
-        if grammar["end"] in tags:
-            return [self.config["end_id"]]
-        return self.tokenizer.convert_tokens_to_ids(next_tags(tags, grammar, self.config["position_first"]))
-
     @torch.no_grad()
     def read(self, pictures: list[Image.Image]) -> list[str]:
-        """Each picture's DSL. The prompt: the instruction, each solved example (its picture, its DSL), the picture."""
+        """Each picture's DSL text (canonical where it is valid). The prompt: the instruction, each solved
+        example (its picture, its DSL), the picture."""
         c, embed = self.config, lambda ids: self.llm.get_input_embeddings()(torch.tensor(ids, device=self.device))
         marked = lambda tokens: [embed([c["image_start_id"]]), tokens, embed([c["image_end_id"]])]
         prompt = [embed(c["instruction_ids"])]
@@ -72,12 +71,26 @@ class Reader:
         texts = []
         for start in range(0, len(pictures), BATCH):
             rows = torch.stack([torch.cat(prompt + marked(tokens)) for tokens in self.image_tokens(pictures[start:start + BATCH])])
+            rules = [self.decoding.logits_processor(self.grammar, self.tokenizer, len(rows), c["end_id"])] if self.grammar else []
             out = self.llm.generate(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long, device=self.device),
                                     do_sample=False, num_beams=1, max_new_tokens=c["max_new_tokens"], eos_token_id=c["end_id"],
-                                    pad_token_id=self.tokenizer.pad_token_id, prefix_allowed_tokens_fn=self.allowed if c["target_format"] != "text" else None)
-            rows = [row[:row.index(c["end_id"]) + 1] if c["end_id"] in row else row for row in out.tolist()]
-            texts += [canonical(self.tokenizer.decode(row), c["grammar"], c["position_first"]) for row in rows]
+                                    pad_token_id=self.tokenizer.pad_token_id, logits_processor=rules)
+            for row in out.tolist():  # up to the end token; without it where the DSL's texts do not end with one
+                row = row[:row.index(c["end_id"]) + (not c["appends_end"])] if c["end_id"] in row else row
+                texts.append(self.canonical(self.from_target(self.tokenizer.decode(row))))
         return texts
+
+    def canonical(self, text: str) -> str:
+        """The DSL's canonical form (its own module's), or the text as it is where it is not valid."""
+        if self.dsl is None:  # free text: its lines
+            return "\n".join(line.rstrip() for line in text.strip().splitlines())
+        try:
+            return self.dsl.canonical(text)
+        except ValueError:
+            return text
+
+    def from_target(self, text: str) -> str:
+        return self.dsl.from_target(text) if hasattr(self.dsl, "from_target") else text
 
 
 def project(x: torch.Tensor, projector) -> torch.Tensor:
@@ -94,35 +107,11 @@ def project(x: torch.Tensor, projector) -> torch.Tensor:
     return x + projector["positions"] if "positions" in projector else x
 
 
-def next_tags(tags: list[str], grammar: dict, position_first: bool) -> list[str]:
-    """The DSL's grammar (the repo's dsl.next_tags): the tags that may follow a valid prefix. Positions
-    come in order, so a new element may start only while a later position is free."""
-    if not tags:
-        return [grammar["start"]]
-    kind = next((kind for kind in ("sizes", "shapes", "positions") if tags[-1] in grammar[kind]), tags[-1])
-    placed = [grammar["positions"].index(tag) for tag in tags if tag in grammar["positions"]]
-    free = grammar["positions"][placed[-1] + 1:] if placed else grammar["positions"]
-    sizes, shapes, end = grammar["sizes"], grammar["shapes"], grammar["end"]
-    if position_first:  # each element <Position> <Size> <Shape>
-        following = {grammar["start"]: free, "positions": sizes, "sizes": shapes, "shapes": free + [end]}
-    else:
-        following = {grammar["start"]: sizes, "sizes": shapes, "shapes": free, "positions": (sizes if free else []) + [end]}
-    return following.get(kind, [])  # after <EndDiagram>: nothing
-
-
-def canonical(text: str, grammar: dict, position_first: bool) -> str:
-    """The canonical text (one element a line, in position order) of what the model wrote; a text that is no diagram as it is."""
-    tags = TAG.findall(text)
-    elements = [tags[i:i + 3] for i in range(1, len(tags) - 1, 3)]
-    if position_first:  # written <Position> <Size> <Shape>
-        elements = [element[1:] + element[:1] for element in elements]
-    elements.sort(key=lambda element: grammar["positions"].index(element[-1]) if element[-1] in grammar["positions"] else -1)
-    ordered = tags[:1] + [tag for element in elements for tag in element] + tags[-1:]
-    # In position order, the grammar tells whether the tags are a diagram; whitespace is all else there may be.
-    if TAG.sub("", text).strip() or ordered[-1:] != [grammar["end"]] or \
-            any(tag not in next_tags(ordered[:i], grammar, False) for i, tag in enumerate(ordered)):
-        return text
-    return "\n".join([grammar["start"], *("  " + " ".join(element) for element in elements), grammar["end"]]) + "\n"
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"exported_{path.stem}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def open_picture(path: str) -> Image.Image:

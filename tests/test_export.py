@@ -18,6 +18,7 @@ import data
 import dsl
 import export
 import files
+import languages
 import model
 import read_exported
 from conftest import ROOT
@@ -36,12 +37,10 @@ def error_lines(stderr):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_llm, tiny_clip, tiny_dataset):
-    """A tiny one-shot run with image position embeddings and position-first targets, exported
-    with scores for its card."""
+    """A tiny one-shot run with image position embeddings, exported with scores for its card."""
     run_dir = tmp_path_factory.mktemp("run")
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--num_shots", "1",
-                                                  "--image_positions", "true",
-                                                  "--target_format", "tags_position_first"))
+                                                  "--image_positions", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path_factory.mktemp("export") / "reader"
     result = run_script("export.py", str(run_dir), str(out), "--eval_csv", str(tiny_dataset / "test.csv"))
@@ -107,9 +106,13 @@ def read_both(run_dir, out, pictures, folder):
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = run_script(str(script), str(out), *pictures, cwd=folder, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
-    imports = [line.split()[1] for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
-    assert {name.split(".")[0] for name in imports} <= {"json", "re", "sys", "pathlib", "open_clip", "torch", "PIL",
-                                                        "safetensors", "transformers"}
+    # read.py, and the grammar.py and DSL module it loads from the folder, import no module of the repo.
+    for code in (script, out / "grammar.py", *(out / "dsl").glob("*.py")):
+        imports = [line.split()[1] for line in code.read_text().splitlines() if line.startswith(("import ", "from "))]
+        assert {name.split(".")[0] for name in imports} <= {
+            "__future__", "json", "re", "sys", "pathlib", "importlib", "functools", "dataclasses", "hashlib",
+            "random", "itertools", "collections", "math", "argparse", "open_clip", "torch", "PIL", "numpy",
+            "safetensors", "transformers", "xgrammar"}, code
     return readings(result.stdout), readings(expected.stdout)
 
 
@@ -155,23 +158,22 @@ def test_read_py_called_wrong_is_one_line_and_status_2(exported, tmp_path):
         assert len(lines) == max(1, len(arguments) - 1) and not result.stdout
 
 
-@pytest.mark.parametrize("position_first", [False, True], ids=["tags", "tags_position_first"])
-def test_read_py_grammar_is_the_dsl_grammar(position_first):
-    """read.py's copy of the grammar, on the vocabulary export.py writes, against dsl.next_tags on
-    every prefix of every diagram; its canonical text against dsl's."""
-    for diagram in dsl.all_diagrams():
-        tags = dsl.to_tags(diagram, position_first)
-        for i in range(len(tags) + 1):
-            assert read_exported.next_tags(tags[:i], export.GRAMMAR, position_first) == \
-                dsl.next_tags(tags[:i], position_first), tags[:i]
-        assert read_exported.canonical("".join(tags), export.GRAMMAR, position_first) == dsl.to_text(diagram)
+def test_read_py_reads_the_dsl_with_its_own_module_and_grammar(exported):
+    """The export carries the DSL: its module and grammar file as the repo has them, and read.py's
+    canonical form is the DSL's, valid or not."""
+    _, out = exported
+    assert (out / "dsl" / "dsl.py").read_bytes() == (ROOT / "dsl.py").read_bytes()
+    assert (out / "dsl" / "diagram.lark").read_bytes() == (ROOT / "grammars" / "diagram.lark").read_bytes()
+    assert (out / "grammar.py").read_bytes() == (ROOT / "grammar.py").read_bytes()
+    reader, diagram = read_exported.Reader(out), languages.load("diagram")
     texts = ["", "hello", "<StartDiagram><EndDiagram>", "<StartDiagram> <Large> <Circle> <TopLeft>",
              "<StartDiagram>\n<Small> <Square> <BottomRight>\n <Large><Circle><TopLeft>\n<EndDiagram>\n",
              "<StartDiagram><Large><Circle><TopLeft><Small><Square><TopLeft><EndDiagram>",
              "<StartDiagram><Large><Circle><TopLeft><EndDiagram> more", "<StartDiagram><Large><Circle><Top><EndDiagram>",
-             "<StartDiagram><Large><TopLeft><Circle><EndDiagram>", "<StartDiagram><Huge><Circle><TopLeft><EndDiagram>"]
-    for text in texts:  # text written without the grammar (target_format text)
-        assert read_exported.canonical(text, export.GRAMMAR, False) == dsl.canonical(text), text
+             "<StartDiagram><Large><TopLeft><Circle><EndDiagram>", "<StartDiagram><Huge><Circle><TopLeft><EndDiagram>",
+             "<StartDiagram><Large><Circle><TopLeft><EndDiagram>"]
+    for text in texts:
+        assert reader.canonical(text) == diagram.canonical_or_raw(text), text
 
 
 def test_export_refuses_a_folder_that_is_not_empty_and_a_checkpoint_that_is_not_one(exported, tmp_path):
@@ -300,7 +302,7 @@ def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_datas
 def test_read_py_projects_as_the_projector_does(kind):
     """read.py's own projector arithmetic against model.Projector, for every kind."""
     torch.manual_seed(0)
-    projector = model.Projector(kind, (4, 4 * 32), 24, quadrant_head=True, positions=True, patches_per_token=4)
+    projector = model.Projector(kind, (4, 4 * 32), 24, regions=(2, 10), positions=True, patches_per_token=4)
     for parameter in projector.parameters():
         torch.nn.init.normal_(parameter)  # positions and the norm start at 0 and 1: make them count
     projector.set_feature_statistics(torch.randn(16, 4, 4 * 32))

@@ -16,7 +16,7 @@ DIAGRAM = Path(__file__).resolve().parent.parent / "grammars" / "diagram.lark"
 @pytest.fixture(scope="module")
 def tiny(tiny_llm):
     """A random 2-layer Llama and SmolLM2's tokenizer, the tags added as load_llm adds them."""
-    return language_model.load_llm(tiny_llm)
+    return language_model.load_llm(tiny_llm, dsl_tokens=dsl.TOKENS)
 
 
 def test_masks_equal_next_tags_for_every_prefix_of_every_diagram(tiny):

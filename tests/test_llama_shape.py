@@ -87,6 +87,7 @@ def test_the_checkpoint_holds_the_adapter_and_the_new_rows_not_the_embedding_mat
     lm_head = [v for k, v in rows.items() if "lm_head" in k]
     assert len(rows) == 2 and lm_head and lm_head[0].shape == (len(language_model.new_tokens(dsl.TOKENS)), 4096)
     # The untied lm_head's new rows trained: they moved away from their initial values.
-    llm, tokenizer = language_model.load_llm(str(work / "llama3.1-8b-shape"), torch.float32)
+    llm, tokenizer = language_model.load_llm(str(work / "llama3.1-8b-shape"), torch.float32,
+                                             dsl_tokens=dsl.TOKENS)
     initial = llm.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(language_model.new_tokens(dsl.TOKENS))]
     assert (lm_head[0] - initial).abs().max() > 5e-5  # 9 Adam steps of lr 5e-5 without warm-up

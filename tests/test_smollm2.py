@@ -10,7 +10,7 @@ import model
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return language_model.load_llm(language_model.SMOLLM2, torch.float32)
+    return language_model.load_llm(language_model.SMOLLM2, torch.float32, dsl_tokens=dsl.TOKENS)
 
 
 def test_loads_from_the_installed_wheel_and_answers(smollm2):
