@@ -31,6 +31,7 @@ match and character error rate.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -109,6 +110,7 @@ class Language:
         return scores | own(predictions, references) if own else scores
 
 
+@functools.cache  # a file's module is run once: its classes stay the same objects
 def load(name: str) -> Language:
     """A DSL by its name: built in (diagram, mermaid, text), a .py file, or an importable module.
     Raises ValueError naming what is wrong."""

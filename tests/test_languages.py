@@ -103,3 +103,30 @@ def test_the_diagram_dsl_targets_are_its_tags_one_token_each(smollm2_tokenizer_d
         text = dsl.to_text(shape)
         ids = tokenizer(diagram.target(text), add_special_tokens=False).input_ids
         assert ids == tokenizer.convert_tokens_to_ids(dsl.to_tags(shape))
+
+
+def test_mermaid_trains_exports_and_reads_the_same_in_read_py_and_on_the_page(tmp_path, tiny_llm, tiny_clip):
+    """Mermaid by the same code: create_images.py --dsl mermaid, finetune.py, export.py; read.py reads
+    the export under the DSL's grammar as inference.py does, and the page draws a reading."""
+    import app
+    import inference
+    from test_export import read_both
+
+    data_dir = tmp_path / "data"
+    result = run_script("create_images.py", "--dsl", "mermaid", "--num_samples", "24", "--num_test", "4",
+                        "--size", "64", "--out_dir", str(data_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, data_dir, run_dir, "--dsl", "mermaid",
+                                                  "--quadrant_loss", "0", "--projector_warmup_epochs", "0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("export.py", str(run_dir), str(out), "--eval_csv", str(data_dir / "test.csv"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "dsl" / "mermaid.py").is_file() and (out / "dsl" / "mermaid.ebnf").is_file()
+    rows = data.read_dataset(data_dir / "test.csv", language=languages.load("mermaid"))[0]
+    read, expected = read_both(run_dir, out, [str(row.image_path) for row in rows], tmp_path)
+    assert read == expected
+
+    reader = inference.load(run_dir, "cpu", "float32")
+    text, drawn, confidence, agreement, verdict = app.read(reader, 0.9, str(rows[0].image_path))
+    assert text == read[0][1] and drawn.size == (448, 224) and agreement is None and 0 <= confidence <= 1

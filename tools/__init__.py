@@ -7,5 +7,6 @@
     python -m tools.other_renderer   pictures from a second, independent renderer
     python -m tools.learning_curve   validation scores against images seen, from runs' log.jsonl
     python -m tools.vision_probe     what the image tokens say, read by the quadrant head alone (no LLM)
+    python -m tools.grammar_cost     what decoding by the DSL's grammar costs, a share of a generation step
     python -m tools.gpu_proof        the reference configuration's path on a CUDA GPU
 """
