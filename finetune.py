@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,7 +38,7 @@ import hardware
 import language_model
 import languages
 import settings
-from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, with_examples
+from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, picture_loss, picture_targets, with_examples
 from settings import SettingsError, check, setting
 from tracking import RunLog
 
@@ -273,10 +272,9 @@ def warm_up_projector(reader, train_rows, train_features, training: TrainConfig,
     """LLaVA's first stage, with the quadrant loss as its signal: the projector and its
     quadrant head alone, on the cached features, before the LLM sees an image."""
     projector = reader.projector
-    regions = reader.language.part("regions")
     if not training.projector_warmup_epochs or projector.quadrant_head is None:
         return
-    targets = torch.tensor([regions(row.dsl) for row in train_rows])
+    targets = picture_targets(reader.language, [row.dsl for row in train_rows])
     batch_size = 128
     optimizer = torch.optim.AdamW(projector.parameters(), lr=training.projector_warmup_lr)
     total = math.ceil(len(train_rows) / batch_size) * training.projector_warmup_epochs
@@ -289,8 +287,8 @@ def warm_up_projector(reader, train_rows, train_features, training: TrainConfig,
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             with cost.count(("projector warm-up", len(batch))):
-                logits = projector.quadrant_logits(projector(train_features[batch].to(accelerator.device)))
-                F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten().to(accelerator.device)).backward()
+                tokens = projector(train_features[batch].to(accelerator.device))
+                picture_loss(projector, tokens, targets[batch].to(accelerator.device)).backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

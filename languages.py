@@ -20,7 +20,8 @@ and, where it has them,
     from_target(output)  the model's output as a text of the DSL (default: as it is)
     score(predictions, references) -> dict   scores of its own (element F1, ...)
     REGION_GRID, REGION_CLASSES, regions(text)   what each cell of a REGION_GRID x REGION_GRID grid over the
-                         picture holds, as a class: the projector's auxiliary loss (--quadrant_loss)
+                         picture holds, as a class: the projector's picture loss (--quadrant_loss)
+    CONTENT_CLASSES, contents(text)   or which classes the picture shows anywhere (their indices)
     agreement(picture, text) -> float   how well the picture matches the text (render and compare)
     render(text, size) -> Image          a drawing of a text (the page's side-by-side)
     sample(rng), text_of(item), draw(item, size, rng, augment), held_out(text)   create_images.py's data

@@ -318,6 +318,15 @@ LONGEST = to_text(Chart("TD", tuple(Node(label, "circle") for label in sorted(LA
 
 HELD_OUT_ONE_IN = 5  # about a fifth of all charts are kept for test sets alone
 
+# The picture loss (model.py): which labelled nodes, as (label, shape), a picture shows
+# anywhere. The text does not say which grid cell holds a node, so no loss per region.
+CONTENT_CLASSES = len(LABELS) * len(SHAPES)
+
+
+def contents(text: str) -> list[int]:
+    shapes = list(SHAPES)
+    return [LABELS.index(node.label) * len(shapes) + shapes.index(node.shape) for node in parse(text).nodes]
+
 
 def held_out(text: str) -> bool:
     """Is this chart one that only test sets show? Decided by the SHA-256 of its canonical text,

@@ -93,8 +93,9 @@ class ModelConfig:
                                                     "every step")
     quadrant_loss: float = setting(3.0, "a second loss that teaches the projector to see: a linear head names "
                                         "what each region of the image holds (the diagram DSL: each quadrant's "
-                                        "size and shape) from the mean of its image tokens; each region counts "
-                                        "this many times as much as a DSL token (0: off)")
+                                        "size and shape) from the mean of its image tokens, or which of the DSL's "
+                                        "contents the picture shows (Mermaid: its labelled nodes); each region "
+                                        "or picture counts this many times as much as a DSL token (0: off)")
     target_format: str = setting("tags", "tags: what the DSL says the model writes (the diagram DSL: its tags "
                                          "alone, no whitespace); text: the canonical text")
 
@@ -104,8 +105,8 @@ class ModelConfig:
             language = languages.load(self.dsl)
         except ValueError as error:
             check(False, "dsl", self.dsl, str(error))
-        check(not self.quadrant_loss or language.part("regions") is not None, "quadrant_loss", self.quadrant_loss,
-              f"0: the DSL {self.dsl} names no regions (REGION_GRID, regions) for that loss to learn")
+        check(not self.quadrant_loss or picture_head(language) is not None, "quadrant_loss", self.quadrant_loss,
+              f"0: the DSL {self.dsl} names nothing a picture holds (regions or contents) for that loss to learn")
         check(self.llm_layers >= 0, "llm_layers", self.llm_layers, "a number of layers, or 0 for all")
         check(self.image_features in ("patches", "pooled"), "image_features", self.image_features,
               "patches or pooled")
@@ -257,7 +258,7 @@ class Projector(nn.Module):
     """
 
     def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int,
-                 regions: tuple[int, int] | None = None, positions: bool = False, patches_per_token: int = 1):
+                 head: tuple[int, int] | None = None, positions: bool = False, patches_per_token: int = 1):
         super().__init__()
         tokens, width = feature_shape
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
@@ -275,14 +276,15 @@ class Projector(nn.Module):
             self.mlp = nn.Linear(width, hidden_size)
         else:
             raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, not {kind!r}")
-        # regions: (grid, classes) of the DSL's region loss: what each of grid x grid cells holds.
+        # head: (grid, classes) of the DSL's picture loss: what each of grid x grid cells holds, or
+        # (grid 0) which classes the picture shows anywhere.
         side = math.isqrt(tokens)
-        if regions and (side * side != tokens or side < regions[0]):
+        if head and head[0] and (side * side != tokens or side < head[0]):
             raise ValueError(f"quadrant_loss needs the image tokens to form a square grid of at least "
-                             f"{regions[0]} x {regions[0]}, not {tokens} token(s); use image_features patches, "
+                             f"{head[0]} x {head[0]}, not {tokens} token(s); use image_features patches, "
                              "or quadrant_loss 0")
-        self.region_grid = regions[0] if regions else 0
-        self.quadrant_head = nn.Linear(hidden_size, regions[1]) if regions else None
+        self.region_grid = head[0] if head else 0
+        self.quadrant_head = nn.Linear(hidden_size, head[1]) if head else None
         # Zero at the start: the tokens begin as the MLP's alone and learn where they are.
         self.positions = nn.Parameter(torch.zeros(tokens, hidden_size)) if positions else None
 
@@ -304,8 +306,11 @@ class Projector(nn.Module):
     def quadrant_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """This projector's tokens of images [B, T, hidden] -> [B, grid * grid, classes]: what
         each region holds (the diagram DSL: each quadrant), row by row, read from the mean of
-        the tokens over it. Gradients reach the projector from here directly, not only through
-        the LLM: it learns to see faster."""
+        the tokens over it; with grid 0, [B, classes]: whether the picture shows each class,
+        from the token that shows it most. Gradients reach the projector from here directly,
+        not only through the LLM: it learns to see faster."""
+        if not self.region_grid:
+            return self.quadrant_head(tokens).amax(dim=1)
         b, t, h = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, h, math.isqrt(t), math.isqrt(t))
         cells = F.adaptive_avg_pool2d(grid, self.region_grid).flatten(2).transpose(1, 2)  # [B, grid * grid, H]
@@ -355,10 +360,11 @@ class DiagramReader(nn.Module):
         (QLoRA with load_in_4bit). The projector's feature statistics are set later, from the
         training images."""
         vision, llm, tokenizer, base = load_base_models(config, dtype, load_in_4bit)
-        new_ids = tokenizer.convert_tokens_to_ids(language_model.new_tokens(languages.load(config.dsl).tokens))
+        language = languages.load(config.dsl)
+        new_ids = tokenizer.convert_tokens_to_ids(language_model.new_tokens(language.tokens))
         llm = language_model.with_lora(llm, new_ids, config, load_in_4bit)
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              regions=regions_of(config) if config.quadrant_loss > 0 else None,
+                              head=picture_head(language) if config.quadrant_loss > 0 else None,
                               positions=config.image_positions, patches_per_token=vision.patches_per_token)
         return cls(config, vision, projector, llm, tokenizer, base)
 
@@ -412,8 +418,9 @@ class DiagramReader(nn.Module):
         weights = load_file(folder / "projector.safetensors")
         # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              regions=regions_of(config) if config.quadrant_loss > 0 and "quadrant_head.weight" in weights
-                              else None, positions="positions" in weights, patches_per_token=vision.patches_per_token)
+                              head=picture_head(languages.load(config.dsl)) if config.quadrant_loss > 0
+                              and "quadrant_head.weight" in weights else None, positions="positions" in weights,
+                              patches_per_token=vision.patches_per_token)
         projector.load_state_dict(weights)
         examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
                      (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
@@ -463,7 +470,7 @@ class DiagramReader(nn.Module):
         labels = torch.tensor([[IGNORE] * (length - len(r)) + r for r in label_rows])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
         if targets is not None and self.projector.quadrant_head is not None:
-            batch["quadrants"] = torch.tensor([self.language.part("regions")(t) for t in targets])
+            batch["quadrants"] = picture_targets(self.language, targets)
         return batch
 
     # -- forward
@@ -495,9 +502,7 @@ class DiagramReader(nn.Module):
         targets = labels[:, first_label:].flatten()
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
         if quadrants is not None:
-            seen = self.projector.quadrant_logits(projected[:, -1]).float()
-            loss = loss + self.config.quadrant_loss * F.cross_entropy(seen.flatten(0, 1), quadrants.flatten(),
-                                                                      reduction="sum")
+            loss = loss + self.config.quadrant_loss * picture_loss(self.projector, projected[:, -1], quadrants, "sum")
         return loss / (targets != IGNORE).sum()
 
     # -- generation: the one path that validation, inference and the benchmark share
@@ -643,10 +648,34 @@ def check_same_models(config: ModelConfig, saved: dict, actual: dict):
                                   f"{expected}, but {source} as loaded here has {value}")
 
 
-def regions_of(config: ModelConfig) -> tuple[int, int]:
-    """(grid, classes) of the DSL's region loss."""
-    language = languages.load(config.dsl)
-    return language.part("REGION_GRID"), language.part("REGION_CLASSES")
+def picture_head(language: languages.Language) -> tuple[int, int] | None:
+    """(grid, classes) of the DSL's picture loss: regions(text) names what each of grid x grid cells
+    holds; contents(text) (grid 0) which of CONTENT_CLASSES the picture shows; None: neither."""
+    if language.part("regions"):
+        return language.part("REGION_GRID"), language.part("REGION_CLASSES")
+    if language.part("contents"):
+        return 0, language.part("CONTENT_CLASSES")
+    return None
+
+
+def picture_targets(language: languages.Language, texts: list[str]) -> torch.Tensor:
+    """The picture loss's labels: [B, cells] classes, or [B, classes] 0/1 for contents."""
+    if language.part("regions"):
+        return torch.tensor([language.part("regions")(text) for text in texts])
+    shown = torch.zeros(len(texts), language.part("CONTENT_CLASSES"))
+    for row, text in zip(shown, texts):
+        row[language.part("contents")(text)] = 1
+    return shown
+
+
+def picture_loss(projector: Projector, tokens: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of each region's class, or each content class's binary cross-entropy."""
+    logits = projector.quadrant_logits(tokens).float()
+    if projector.region_grid:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    # A picture shows few of the classes: each shown one weighs as much as all the others together.
+    balance = (targets.numel() - targets.sum()) / targets.sum().clamp(min=1)
+    return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=balance, reduction=reduction)
 
 
 def with_examples(example_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:

@@ -370,9 +370,9 @@ def test_vision_probe_scores_every_set_and_its_head_learns(tiny_llm, tiny_clip, 
 
     untrained, trained = probe(0), probe(100)
     assert list(trained) == ["training", "validation"] + [f"test: {kind}" for kind in damage.CHECKS]
-    assert trained["test: clean"]["n"] == 6 and all(0 <= s["pictures"] <= s["quadrants"] <= 1 for s in trained.values())
+    assert trained["test: clean"]["n"] == 6 and all(0 <= s["pictures"] <= s["parts"] <= 1 for s in trained.values())
     # The warm-up stage teaches the head: the training pictures' quadrants, learned by heart.
-    assert trained["training"]["quadrants"] > max(0.9, untrained["training"]["quadrants"])
+    assert trained["training"]["parts"] > max(0.9, untrained["training"]["parts"])
 
 
 def test_gradient_accumulation_follows_the_big_batch_trajectory(tiny_llm, tiny_clip, tiny_dataset, tmp_path):

@@ -20,7 +20,8 @@ from conftest import ROOT
 from test_finetune import run_script, run_tool
 
 SCRIPTS = ["finetune.py", "inference.py", "create_images.py", "export.py", "llama_shape.py"]
-TOOLS = ["benchmark", "check", "memory", "gpu_proof", "robustness", "other_renderer", "learning_curve", "vision_probe"]
+TOOLS = ["benchmark", "check", "memory", "gpu_proof", "robustness", "other_renderer", "learning_curve", "vision_probe",
+         "other_mermaid", "grammar_cost"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS + [f"tools.{t}" for t in TOOLS])

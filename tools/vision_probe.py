@@ -1,12 +1,13 @@
-"""The vision side alone: what the image tokens say, read by the quadrant head, with no LLM.
+"""The vision side alone: what the image tokens say, read by the picture head, with no LLM.
 
     python -m tools.vision_probe                          # the default settings, data.csv and test.csv
     python -m tools.vision_probe --projector mlp2x_gelu   # any finetune.py setting
 
 Encodes data.csv (split as finetune.py splits it) and test.csv with the frozen CLIP, trains
-the projector and its quadrant head alone (finetune.py's warm-up stage, for
---projector_warmup_epochs), and prints the share of quadrants and of whole pictures whose
-contents the head names right: on the training and validation pictures, on test.csv, and on
+the projector and its picture head alone (finetune.py's warm-up stage, for
+--projector_warmup_epochs), and prints the share of parts (the diagram DSL's quadrants; for
+a DSL whose loss names a picture's contents, the F1 of the classes named) and of whole
+pictures the head names right: on the training and validation pictures, on test.csv, and on
 test.csv under each damage check. The LLM reads no better than its image tokens allow, so a
 minute here tells what a CLIP or projector setting can give before a run of the whole model.
 The last line is one JSON object.
@@ -26,8 +27,9 @@ import damage
 import data
 import dsl
 import finetune
+import languages
 import settings
-from model import DiagramReader
+from model import DiagramReader, picture_targets
 from settings import setting
 
 CLASS_NAMES = ["empty"] + [f"{size} {shape}" for size in dsl.SIZES for shape in dsl.SHAPES]
@@ -39,36 +41,44 @@ class Arguments:
 
 
 @torch.no_grad()
-def score(projector, features: torch.Tensor, rows: list[data.Row]) -> dict:
-    """Quadrants and whole pictures named right, and the most common confusions."""
-    projector.eval()
-    truth = torch.tensor([dsl.quadrant_classes(dsl.parse(row.dsl)) for row in rows])
-    named = projector.quadrant_logits(projector(features)).argmax(-1)
+def score(reader, features: torch.Tensor, rows: list[data.Row]) -> dict:
+    """Parts and whole pictures named right, and the most common confusions."""
+    projector = reader.projector.eval()
+    truth = picture_targets(reader.language, [row.dsl for row in rows])
+    logits = projector.quadrant_logits(projector(features))
+    if not projector.region_grid:  # contents: the F1 of the classes the picture shows
+        named = (logits > 0).float()
+        hits, shown = (named * truth).sum().item(), named.sum().item()
+        f1 = 2 * hits / max(1, shown + truth.sum().item())
+        return {"n": len(rows), "parts": f1, "pictures": (named == truth).all(1).float().mean().item(),
+                "confusions": {}}
+    named = logits.argmax(-1)
     right = named == truth
-    confusions = Counter(f"{CLASS_NAMES[t]} as {CLASS_NAMES[n]}"
+    names = CLASS_NAMES if reader.language.name == "diagram" else list(map(str, range(logits.shape[-1])))
+    confusions = Counter(f"{names[t]} as {names[n]}"
                          for t, n in zip(truth.flatten().tolist(), named.flatten().tolist()) if t != n)
-    return {"n": len(rows), "quadrants": right.float().mean().item(), "pictures": right.all(1).float().mean().item(),
+    return {"n": len(rows), "parts": right.float().mean().item(), "pictures": right.all(1).float().mean().item(),
             "confusions": dict(confusions.most_common(3))}
 
 
 def main(config, training, args: Arguments) -> dict:
     torch.manual_seed(training.seed)
-    train_rows, val_rows = finetune.split_data(training)
-    test_rows = data.read_dataset(args.test_csv)[0]
+    language = languages.load(config.dsl)
+    train_rows, val_rows = finetune.split_data(training, language)
+    test_rows = data.read_dataset(args.test_csv, language=language)[0]
     reader = DiagramReader.build(config)
     accelerator = Accelerator(cpu=True)
     train_features, val_features = finetune.encode_images(reader, train_rows, val_rows, accelerator)
     reader.projector.set_feature_statistics(train_features)
-    finetune.warm_up_projector(reader.projector, train_rows, train_features, training, finetune.RunCost(),
-                               accelerator)
-    results = {"training": score(reader.projector, train_features, train_rows),
-               "validation": score(reader.projector, val_features, val_rows)}
+    finetune.warm_up_projector(reader, train_rows, train_features, training, finetune.RunCost(), accelerator)
+    results = {"training": score(reader, train_features, train_rows),
+               "validation": score(reader, val_features, val_rows)}
     pictures = [data.load_image(row.image_path) for row in test_rows]
     for kind in damage.CHECKS:  # the same damage as tools/robustness.py's
         damaged = [damage.check(kind, picture, training.seed, i) for i, picture in enumerate(pictures)]
-        results[f"test: {kind}"] = score(reader.projector, reader.vision.encode(damaged), test_rows)
+        results[f"test: {kind}"] = score(reader, reader.vision.encode(damaged), test_rows)
     for name, result in results.items():
-        print(f"{name:34} n {result['n']:5}  quadrants {result['quadrants']:.4f}  pictures {result['pictures']:.3f}  "
+        print(f"{name:34} n {result['n']:5}  parts {result['parts']:.4f}  pictures {result['pictures']:.3f}  "
               f"{', '.join(f'{k}: {v}' for k, v in result['confusions'].items())}")
     return results
 
