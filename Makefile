@@ -38,4 +38,5 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf images data.csv test.csv checkpoints predictions.csv wandb other damaged damaged_other renders exported
+	rm -rf images data.csv test.csv checkpoints predictions.csv wandb other damaged damaged_other renders exported \
+		mermaid checkpoints-mermaid other_mermaid
