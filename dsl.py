@@ -36,6 +36,7 @@ DSL_TOKENS = (START, END) + tuple(f"<{name}>" for name in SIZES + SHAPES + POSIT
 NAME = "diagram"
 GRAMMAR = "grammars/diagram.lark"  # the tags the model writes (to_target), in canonical order
 TOKENS = DSL_TOKENS
+DRAWING = "renderer"  # draw, picture and agreement: renderer.py, which imports this module
 
 MAX_ELEMENTS = len(POSITIONS)
 # Diagrams with k elements: choose k of the 4 positions, then a size and a shape for each.
@@ -285,8 +286,7 @@ def held_out(text: str) -> bool:
     return parse(text) in held_out_diagrams()
 
 
-# What create_images.py draws with, and render-and-compare; renderer.py imports this module, so
-# these import it when called.
+# What create_images.py samples; renderer.py (DRAWING) draws the pictures and compares them.
 
 def sample(rng: random.Random) -> Diagram:
     return sample_diagram(rng)
@@ -294,21 +294,6 @@ def sample(rng: random.Random) -> Diagram:
 
 def text_of(diagram: Diagram) -> str:
     return to_text(diagram)
-
-
-def draw(diagram: Diagram, size: int, rng: random.Random, augment: bool):
-    import renderer
-    return renderer.render(diagram, size, renderer.random_style(rng) if augment else renderer.NOMINAL, rng)
-
-
-def render(text: str, size: int):
-    import renderer
-    return renderer.render(parse(text), size)
-
-
-def agreement(picture, text: str) -> float:
-    import renderer
-    return renderer.agreement(picture, text)
 
 
 # ---------------------------------------------------------------------------- metrics

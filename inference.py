@@ -55,7 +55,7 @@ def render_side_by_side(image: Image.Image | Path, prediction: str, language: la
     canvas = Image.new("RGB", (2 * size, size), "white")
     picture = image if isinstance(image, Image.Image) else data.load_image(image)
     canvas.paste(picture.convert("RGB").resize((size, size)), (0, 0))
-    render = language.part("render")
+    render = language.part("picture")
     if render and language.is_valid(prediction):
         canvas.paste(render(prediction, size).convert("RGB").resize((size, size)), (size, 0))
     else:

@@ -23,8 +23,9 @@ and, where it has them,
                          picture holds, as a class: the projector's picture loss (--quadrant_loss)
     CONTENT_CLASSES, contents(text)   or which classes the picture shows anywhere (their indices)
     agreement(picture, text) -> float   how well the picture matches the text (render and compare)
-    render(text, size) -> Image          a drawing of a text (the page's side-by-side)
+    picture(text, size) -> Image         a drawing of a text (the page's side-by-side)
     sample(rng), text_of(item), draw(item, size, rng, augment), held_out(text)   create_images.py's data
+    DRAWING              a module that holds the drawing parts instead (the diagram DSL: renderer.py)
 
 `text` is the free-text plug-in: targets in the LLM's own tokens, no grammar, scored by exact
 match and character error rate.
@@ -53,8 +54,11 @@ class Language:
     module: ModuleType | None  # None: free text
 
     def part(self, name: str):
-        """One of the module's optional parts (languages.py's docstring), or None."""
-        return getattr(self.module, name, None)
+        """One of the module's optional parts (languages.py's docstring), or None: from the module,
+        else from its DRAWING module."""
+        found = getattr(self.module, name, None)
+        drawing = getattr(self.module, "DRAWING", None)
+        return found if found is not None or not drawing else getattr(importlib.import_module(drawing), name, None)
 
     @property
     def grammar_file(self) -> Path | None:

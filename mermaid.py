@@ -24,7 +24,7 @@ than sideways; an LR chart is the same turned (right, and more right than up or 
 the direction can be read off the arrows. No arrow crosses another node or another arrow.
 
 As a plug-in (languages.py) it declares NAME, GRAMMAR and LONGEST, and create_images.py's hooks:
-sample, text_of, draw, held_out; render draws a chart from its text alone.
+sample, text_of, draw, held_out; picture draws a chart from its text alone.
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def draw(item: tuple[Chart, list[Cell]], size: int, rng: random.Random, augment:
     return draw_chart(chart, cells, size, random_style(rng) if augment else NOMINAL, rng)
 
 
-def render(text: str, size: int = SIZE) -> Image.Image:
+def picture(text: str, size: int = SIZE) -> Image.Image:
     """A drawing of a chart from its text alone (layout_of), in the nominal style."""
     chart = parse(text)
     return draw_chart(chart, layout_of(chart), size)

@@ -97,6 +97,16 @@ def render(diagram: dsl.Diagram, size: int = 224, style: Style = NOMINAL,
 
 # ---------------------------------------------------------------------------- render and compare
 
+def draw(diagram: dsl.Diagram, size: int, rng: random.Random, augment: bool) -> Image.Image:
+    """A sampled diagram's picture (create_images.py): a style drawn from rng when augmenting."""
+    return render(diagram, size, random_style(rng) if augment else NOMINAL, rng)
+
+
+def picture(text: str, size: int) -> Image.Image:
+    """A DSL text drawn nominally: the page's side-by-side."""
+    return render(dsl.parse(text), size)
+
+
 def ink_by_quadrant(image: Image.Image) -> list[bool]:
     """Per quadrant (TopLeft, TopRight, BottomLeft, BottomRight): is anything drawn there?
     Ink is a pixel much darker than the picture's median (its background), and a quadrant

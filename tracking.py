@@ -96,7 +96,7 @@ class RunLog:
         import wandb
 
         table = wandb.Table(columns=["image", "prediction drawn", "predicted", "reference", "exact"])
-        render = language.part("render")
+        render = language.part("picture")
         for image_path, prediction, reference in samples:
             image = data.load_image(image_path)
             valid = language.is_valid(prediction)

@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 import dsl
+import languages
 import model
 from conftest import ROOT
 from test_finetune import run_script, tiny_args
@@ -197,6 +198,8 @@ def test_a_full_disk_is_one_line_and_status_1_and_leaves_nothing(trained_run, ti
 
 class FixedReader:
     """A stand-in for DiagramReader that reads every picture the same way."""
+
+    language = languages.load("diagram")
 
     def __init__(self, confidence, agreement):
         self.reading = model.Reading("<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\n", True,

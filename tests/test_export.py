@@ -302,7 +302,7 @@ def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_datas
 def test_read_py_projects_as_the_projector_does(kind):
     """read.py's own projector arithmetic against model.Projector, for every kind."""
     torch.manual_seed(0)
-    projector = model.Projector(kind, (4, 4 * 32), 24, regions=(2, 10), positions=True, patches_per_token=4)
+    projector = model.Projector(kind, (4, 4 * 32), 24, head=(2, 10), positions=True, patches_per_token=4)
     for parameter in projector.parameters():
         torch.nn.init.normal_(parameter)  # positions and the norm start at 0 and 1: make them count
     projector.set_feature_statistics(torch.randn(16, 4, 4 * 32))

@@ -10,6 +10,7 @@ import data
 import dsl
 import language_model
 import languages
+from conftest import ROOT
 from test_finetune import run_script, tiny_args
 
 # A DSL of a user's own, whole: a grammar file and a canonicaliser, nothing else.
@@ -130,3 +131,9 @@ def test_mermaid_trains_exports_and_reads_the_same_in_read_py_and_on_the_page(tm
     reader = inference.load(run_dir, "cpu", "float32")
     text, drawn, confidence, agreement, verdict = app.read(reader, 0.9, str(rows[0].image_path))
     assert text == read[0][1] and drawn.size == (448, 224) and agreement is None and 0 <= confidence <= 1
+
+
+def test_the_example_plug_in_is_whole():
+    example = languages.load(str(ROOT / "example_dsl.py"))
+    assert example.canonical(" Red\n") == "red" and not example.is_valid("purple")
+    assert example.grammar_file.is_file() and example.tokens == () and example.part("END") is None

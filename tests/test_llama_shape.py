@@ -64,10 +64,11 @@ def test_the_proofs_small_path_measures_training_and_generation_and_reads_back(p
 def test_the_prompt_has_one_bos_masked_padding_and_one_token_per_tag(proof):
     work, _ = proof
     reader = model.DiagramReader.from_pretrained(work / "run" / "epoch-01", llm_name=str(work / "llama3.1-8b-shape"))
-    assert reader.config.num_shots == 1 and reader.llm.config.vocab_size == 128256 + len(language_model.new_tokens(dsl.TOKENS))
-    for token in language_model.new_tokens(dsl.TOKENS):
+    new_tokens = language_model.new_tokens(dsl.TOKENS)
+    assert reader.config.num_shots == 1 and reader.llm.config.vocab_size == 128256 + len(new_tokens)
+    for token in new_tokens:
         assert len(reader.tokenizer(token, add_special_tokens=False).input_ids) == 1, token
-    short, long = "<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>", dsl.to_text(model.FULL_DIAGRAM)
+    short, long = "<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>", dsl.LONGEST
     features = torch.zeros(2, 2, *reader.vision.feature_shape)
     batch = reader.collate(features, [[short], [long]], [short, long])
     bos = reader.tokenizer.bos_token_id

@@ -128,7 +128,7 @@ def test_every_label_fits_inside_its_node_in_every_shape():
 def test_it_is_a_plug_in_with_the_data_hooks():
     language = languages.load("mermaid")
     assert mermaid.NAME == "mermaid" and language.grammar_file.is_file() and language.tokens == ()
-    for hook in ("sample", "text_of", "draw", "held_out", "render", "canonical", "score"):
+    for hook in ("sample", "text_of", "draw", "held_out", "picture", "canonical", "score"):
         assert callable(language.part(hook)), hook
 
 
@@ -160,14 +160,14 @@ def test_the_data_hooks_draw_a_sampled_chart_and_its_text():
     assert nominal.tobytes() == mermaid.draw(item, 96, random.Random(2), augment=False).tobytes()
     styled = [mermaid.draw(item, 96, random.Random(seed), augment=True) for seed in range(5)]
     assert len({picture.tobytes() for picture in styled}) == 5
-    page = mermaid.render(mermaid.text_of(item), 128)
+    page = mermaid.picture(mermaid.text_of(item), 128)
     assert page.size == (128, 128) and len(page.getcolors(1 << 16)) > 1
 
 
 # ---------------------------------------------------------------------------- the grammar
 
 def test_the_grammar_names_the_labels_and_bounds_of_the_module():
-    grammar = languages.load("mermaid").grammar
+    grammar = languages.load("mermaid").grammar_file.read_text()
     assert set(re.findall(r'"(\w+)"', grammar.split("label ::=")[1])) == set(mermaid.LABELS)
     assert f"node{{2,{mermaid.MAX_NODES}}}" in grammar and f"edge{{1,{mermaid.MAX_EDGES}}}" in grammar
 
@@ -180,7 +180,7 @@ def test_the_grammar_accepts_every_sampled_text_token_by_token_and_nothing_broke
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer)).compile_grammar(
-        languages.load("mermaid").grammar)
+        languages.load("mermaid").grammar_file.read_text())
 
     def accepted(text: str) -> bool:
         matcher = xgr.GrammarMatcher(compiled)

@@ -50,6 +50,6 @@ def test_the_same_arguments_draw_the_same_bytes(drawn, tmp_path):
 
 def test_it_uses_none_of_mermaid_drawing_code():
     source = (ROOT / "tools" / "other_mermaid.py").read_text(encoding="utf-8")
-    for name in ("mermaid.draw", "mermaid.render", "mermaid.arrow", "draw_chart", "random_style", "NODE_HALF",
+    for name in ("mermaid.draw", "mermaid.render", "mermaid.picture", "mermaid.arrow", "draw_chart", "random_style", "NODE_HALF",
                  "mermaid.outline", "mermaid.fitting_font", "mermaid.font_of_size", "mermaid.MARGIN", "from mermaid import"):
         assert name not in source, name
