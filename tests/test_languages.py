@@ -137,3 +137,29 @@ def test_the_example_plug_in_is_whole():
     example = languages.load(str(ROOT / "example_dsl.py"))
     assert example.canonical(" Red\n") == "red" and not example.is_valid("purple")
     assert example.grammar_file.is_file() and example.tokens == () and example.part("END") is None
+
+
+def test_mermaid_s_picture_loss_names_the_nodes_a_picture_shows(tiny_llm, tiny_clip):
+    """A DSL whose text does not say where its parts are (Mermaid) teaches the projector which of
+    them the picture shows: one balanced binary cross-entropy a class, from the most telling token."""
+    import random
+
+    import torch
+
+    import mermaid
+    import model
+    from conftest import tiny_config
+
+    reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, dsl="mermaid", quadrant_loss=1.0)).eval()
+    rng = random.Random(0)
+    texts = [mermaid.text_of(mermaid.sample(rng)) for _ in range(2)]
+    features = torch.randn(2, 1, *reader.vision.feature_shape)
+    batch = reader.collate(features, [[], []], texts)
+    shown = batch["quadrants"]
+    assert shown.shape == (2, mermaid.CONTENT_CLASSES)
+    assert shown.sum(1).tolist() == [len(mermaid.parse(t).nodes) for t in texts]  # one class a node
+    loss = reader(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and reader.projector.quadrant_head.weight.grad.abs().sum() > 0
+    without = dict(batch, quadrants=None)
+    assert reader(**without) < loss  # the picture loss adds to the DSL's
