@@ -108,7 +108,7 @@ def write_model(reader: DiagramReader, out: Path, dtype: str) -> dict:
               "preprocess": vision.visual.preprocess_cfg, "instruction": reader.config.instruction,
               "instruction_ids": reader.instruction_ids, "image_start_id": reader.image_start_id,
               "image_end_id": reader.image_end_id, "end_id": reader.end_id,
-              "max_new_tokens": reader.max_dsl_tokens + 8, "appends_end": reader.appends_end,
+              "max_new_tokens": reader.max_new_tokens, "appends_end": reader.appends_end,
               **write_dsl(reader, out), "examples": examples, "dtype": dtype,
               "trained_with": card_settings(reader.config)}
     (out / "reader_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")

@@ -352,7 +352,8 @@ class DiagramReader(nn.Module):
         grammar_file = self.language.grammar_file
         self.grammar = grammar.Grammar.from_file(grammar_file) if grammar_file else None
         longest = self.language.part("LONGEST")
-        self.max_dsl_tokens = len(self.dsl_ids(longest)) if longest else languages.DEFAULT_LONGEST_TOKENS
+        # Generation's limit: the longest text's tokens, and a few more for a text a little longer.
+        self.max_new_tokens = (len(self.dsl_ids(longest)) if longest else languages.DEFAULT_LONGEST_TOKENS) + 8
 
     @classmethod
     def build(cls, config: ModelConfig, dtype=torch.float32, load_in_4bit: bool = False) -> "DiagramReader":
@@ -521,7 +522,7 @@ class DiagramReader(nn.Module):
         rules = self.grammar if constrained and self.config.target_format != "text" else None
         processors = [grammar.logits_processor(rules, self.tokenizer, len(embeddings), self.end_id)] if rules else []
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=self.max_dsl_tokens + 8,
+                                max_new_tokens=self.max_new_tokens,
                                 do_sample=False, num_beams=1, eos_token_id=self.end_id,
                                 pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors,
                                 output_logits=True, return_dict_in_generate=True)
