@@ -24,13 +24,11 @@ from pathlib import Path
 
 import matplotlib
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
-
-import data
 import files
 import mermaid
 import settings
 from settings import setting
+from tools import other_renderer
 
 SUPERSAMPLE = 4
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf")  # in matplotlib's mpl-data/fonts/ttf
@@ -178,21 +176,11 @@ def held_out_sample(rng: random.Random):
 
 
 def main(args: Arguments):
-    """Each picture, then the CSV naming them, written whole (files.py); an older CSV is
-    removed first, as it would name pictures about to change."""
-    out = Path(args.out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "data.csv").unlink(missing_ok=True)
-    rng = random.Random(args.seed)
-    csv_rows = []
-    for i in tqdm(range(args.num), desc="drawing", unit="img"):
+    def draw_one(rng):
         chart, cells = held_out_sample(rng)
-        with files.replacing(out / "images" / f"chart_{i:05d}.png") as temporary:
-            draw(chart, cells, args.size, rng).save(temporary)
-        csv_rows.append([f"images/chart_{i:05d}.png", mermaid.to_text(chart)])
-    data.write_csv(out / "data.csv", csv_rows)
-    print(f"wrote {args.num} images and {out / 'data.csv'}")
+        return draw(chart, cells, args.size, rng), mermaid.to_text(chart)
 
+    other_renderer.write_set(args, "chart", draw_one)
 
 if __name__ == "__main__":
     (arguments,) = settings.parse(sys.argv[1:], Arguments, program="python -m tools.other_mermaid")

@@ -68,21 +68,30 @@ def draw(diagram: dsl.Diagram, size: int, rng: random.Random) -> Image.Image:
     return image.resize((size, size), Image.LANCZOS) if supersample > 1 else image
 
 
-def main(args: Arguments):
-    """Each picture, then the CSV naming them, written whole (files.py); an older CSV is
-    removed first, as it would name pictures about to change."""
+def write_set(args, name: str, draw_one):
+    """args.num pictures and the CSV naming them under args.out_dir; draw_one(rng) -> (picture,
+    text). Each picture, then the CSV, written whole (files.py); an older CSV is removed first,
+    as it would name pictures about to change."""
     out = Path(args.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "data.csv").unlink(missing_ok=True)
     rng = random.Random(args.seed)
     csv_rows = []
     for i in tqdm(range(args.num), desc="drawing", unit="img"):
-        diagram = dsl.sample_diagram(rng)
-        with files.replacing(out / "images" / f"other_{i:05d}.png") as temporary:
-            draw(diagram, args.size, rng).save(temporary)
-        csv_rows.append([f"images/other_{i:05d}.png", dsl.to_text(diagram)])
+        picture, text = draw_one(rng)
+        with files.replacing(out / "images" / f"{name}_{i:05d}.png") as temporary:
+            picture.save(temporary)
+        csv_rows.append([f"images/{name}_{i:05d}.png", text])
     data.write_csv(out / "data.csv", csv_rows)
     print(f"wrote {args.num} images and {out / 'data.csv'}")
+
+
+def main(args: Arguments):
+    def draw_one(rng):
+        diagram = dsl.sample_diagram(rng)
+        return draw(diagram, args.size, rng), dsl.to_text(diagram)
+
+    write_set(args, "other", draw_one)
 
 
 if __name__ == "__main__":
