@@ -21,7 +21,7 @@ import data
 import files
 import inference
 import settings
-from model import CheckpointError
+from checkpoint import CheckpointError
 from settings import setting
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported (in page), which calls home otherwise
@@ -75,7 +75,7 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
     if min(picture.size) < data.MIN_SIDE:
         return "", None, None, None, f"**Cannot read this picture**: {picture.width} x {picture.height} pixels, " \
                                      f"under {data.MIN_SIDE} on a side."
-    reading = reader.read_images([picture])[0]
+    reading = inference.read(reader, [picture])[0]
     confidence, agreement = float(reading.confidence), reading.agreement  # None: the DSL cannot compare
     doubts = [f"confidence {confidence:.3f} is below {doubtful_below}"] if confidence < doubtful_below else []
     if agreement is not None and agreement < 1:

@@ -10,13 +10,14 @@
 
 The model's own files are written and read by model.DiagramReader's save/load pair;
 this module adds what a run keeps beside them, and is the one place that lists,
-picks, writes and resumes checkpoints. Every write goes through files.py: a checkpoint is
+picks (the `best` pointer included), checks, writes and resumes checkpoints. Every write goes through files.py: a checkpoint is
 whole or absent, whenever the process is killed, and `tidy` puts back what a kill between
 the two renames of a save left aside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -32,10 +33,63 @@ import numpy as np
 import torch
 
 import files
-from model import CheckpointError, DiagramReader, ModelConfig, read_json
+
+MODEL_FILES = ("config.json", "base_models.json", "projector.safetensors", "adapter/adapter_config.json",
+               "adapter/adapter_model.safetensors")
+# What base_models.json records about the base models, and how an error names each fact.
+IDENTITY_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
+                  "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
 
 
-def save(run_dir: Path, name: str, reader: DiagramReader, state: dict, training_state: dict) -> Path:
+class CheckpointError(Exception):
+    """A checkpoint that is incomplete or was made for another model."""
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or a CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
+
+
+def model_folder(path: str | Path) -> Path:
+    """The complete checkpoint that `path` names (find's rules), or a CheckpointError
+    listing what it lacks."""
+    folder, _ = find(path)
+    missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} is not a complete checkpoint: missing {', '.join(missing)}")
+    return folder
+
+
+@contextlib.contextmanager
+def loading(what: str | None):
+    """A failure to load `what`, a base model a checkpoint needs, as a CheckpointError naming
+    it; with None (a new model, no checkpoint) the error goes through as it is."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as error:
+        if what is None:
+            raise
+        raise CheckpointError(f"cannot load {what}: {error}") from None
+
+
+def check_same_models(saved: dict, loaded: dict, source: str):
+    """Compare the facts a checkpoint recorded about its base models (base_models.json) with
+    those of `source`, a base model as loaded now."""
+    for key, value in loaded.items():
+        if key not in saved:
+            continue  # a fact this checkpoint did not record
+        expected = saved[key]
+        # Checksums: loose enough for the same weights in another precision (bf16 vs fp32).
+        same = (abs(expected - value) <= 1e-4 * abs(expected) if isinstance(value, float) else expected == value)
+        if not same:
+            raise CheckpointError(f"this checkpoint was made for another base model: its {IDENTITY_NAMES[key]} is "
+                                  f"{expected}, but {source} as loaded here has {value}")
+
+
+def save(run_dir: Path, name: str, reader, state: dict, training_state: dict) -> Path:
     """Write checkpoint `name` whole or not at all (files.replacing_folder: a temporary folder,
     synced, renamed into place): a crash or a kill leaves the earlier checkpoints whole, an
     older `name` included. `state` (JSON) must hold the step; training_state is torch-saved
@@ -159,7 +213,7 @@ def hold(run_dir: str | Path):
     return lock
 
 
-def resume_point(output_dir: str, resume: str, config: ModelConfig, data: dict) -> Path | None:
+def resume_point(output_dir: str, resume: str, config, data: dict) -> Path | None:
     """The checkpoint --resume names, checked to fit `config` and `data` (data_identity): None
     to start afresh, which is refused where output_dir already holds a run (it would be
     overwritten). The main process calls it once it holds output_dir (hold tidies it)."""
@@ -179,7 +233,7 @@ def resume_point(output_dir: str, resume: str, config: ModelConfig, data: dict) 
     return None  # a first run
 
 
-def check_resumable(folder: Path, config: ModelConfig):
+def check_resumable(folder: Path, config):
     """Refuse to resume a checkpoint made with other model settings, naming them."""
     # Settings added since the checkpoint was made take their defaults.
     saved = asdict(type(config).from_dict(read_json(folder / "config.json")))

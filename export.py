@@ -45,7 +45,8 @@ import language_model
 import languages
 import read_exported
 import settings
-from model import CheckpointError, DiagramReader, ModelConfig, read_json
+from checkpoint import CheckpointError, read_json
+from model import DiagramReader, ModelConfig
 from settings import setting
 
 HUB_NAMES = {language_model.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -104,7 +105,7 @@ def write_model(reader: DiagramReader, out: Path, dtype: str) -> dict:
         image.save(out / "examples" / f"{i}.png")
         examples.append({"image": f"examples/{i}.png", "dsl": text, "dsl_ids": reader.dsl_ids(text)})
     config = {"clip_model": name, "image_features": vision.features, "clip_layer": vision.layer,
-              "image_size": vision.visual.image_size[0], "patch_merge": vision.merge,
+              "image_size": vision.visual.image_size[0], "patch_merge": reader.projector.patch_merge,
               "preprocess": vision.visual.preprocess_cfg, "instruction": reader.config.instruction,
               "instruction_ids": reader.instruction_ids, "image_start_id": reader.image_start_id,
               "image_end_id": reader.image_end_id, "end_id": reader.end_id,
@@ -223,7 +224,7 @@ def main(args: Arguments, checkpoint_path: str, out_dir: str) -> int:
     language = languages.load(read_json(folder / "config.json").get("dsl", "diagram"))
     eval_rows = data.read_dataset(args.eval_csv, language=language)[0] if args.eval_csv else []  # before any write
     print(f"checkpoint {folder} ({why})", file=sys.stderr)
-    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[args.dtype], merge=True)
+    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[args.dtype], merge_adapter=True)
     state = checkpoint.read_state(folder) if (folder / "state.json").is_file() else {}
     if out.is_dir():
         out.rmdir()  # empty: the export then takes its place in one rename

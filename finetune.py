@@ -38,7 +38,8 @@ import hardware
 import language_model
 import languages
 import settings
-from model import IGNORE, CheckpointError, DiagramReader, ModelConfig, picture_loss, picture_targets, with_examples
+from checkpoint import CheckpointError
+from model import IGNORE, DiagramReader, ModelConfig, picture_loss, picture_targets, with_examples
 from settings import SettingsError, check, setting
 from tracking import RunLog
 
@@ -112,6 +113,39 @@ def parse_configs(argv: list[str], *extra) -> tuple:
 
 # ---------------------------------------------------------------------------- the run, in order
 
+@dataclass
+class Run:
+    """What the training loop carries from step to step."""
+
+    training: TrainConfig
+    accelerator: Accelerator
+    reader: DiagramReader  # the network: saved, validated
+    prepared: torch.nn.Module  # the same network as accelerate prepared it (DDP-wrapped on several GPUs): trained
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    log: RunLog
+    cost: RunCost
+    started: float  # time.time() when the run began (earlier for a resumed run: its minutes so far)
+    steps_per_epoch: int
+
+    @property
+    def images_per_step(self) -> int:
+        return images_per_step(self.training, self.accelerator.num_processes)
+
+    def minutes(self) -> float:
+        return (time.time() - self.started) / 60
+
+
+@dataclass
+class Split:
+    """The training and validation rows, and their cached vision features [N, T, D]."""
+
+    train: list[data.Row]
+    val: list[data.Row]
+    train_features: torch.Tensor
+    val_features: torch.Tensor
+
+
 def main(config: ModelConfig, training: TrainConfig) -> int:
     accelerator, dtype = set_up(config, training)
     train_rows, val_rows = split_data(training, languages.load(config.dsl))
@@ -119,80 +153,66 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
     lock = checkpoint.hold(training.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held)
     accelerator.wait_for_everyone()  # the folder tidied (hold) before any process lists its checkpoints
     resume_from = checkpoint.resume_point(training.output_dir, training.resume, config, data_identity)
+    saved = checkpoint.read_state(resume_from) if resume_from else {}
     resumed_state = checkpoint.load_training_state(resume_from) if resume_from else None  # refused before loading
-    steps_per_epoch = len(train_rows) // (training.batch_size * training.gradient_accumulation_steps
-                                          * accelerator.num_processes)
-    if steps_per_epoch == 0 or len(train_rows) <= config.num_shots:
-        raise data.DataError(f"{training.data_csv}: {len(train_rows)} training rows are too few for batch size "
-                             f"{training.batch_size} x {training.gradient_accumulation_steps} accumulation step(s) x "
-                             f"{accelerator.num_processes} process(es) and {config.num_shots} shots")
+    steps_per_epoch = count_steps_per_epoch(training, len(train_rows), accelerator.num_processes, config.num_shots)
     total_steps = steps_per_epoch * training.epochs
-    images_per_step = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
 
     reader = load_model(config, training, dtype, resume_from)
-    train_features, val_features = encode_images(reader, train_rows, val_rows, accelerator)
-    cost = RunCost(checkpoint.read_state(resume_from).get("train_flops", 0) if resume_from else 0)
+    split = encode_images(reader, train_rows, val_rows, accelerator)
+    cost = RunCost(saved.get("train_flops", 0))
     if not resume_from:
-        reader.projector.set_feature_statistics(train_features)
+        reader.projector.set_feature_statistics(split.train_features)
         reader.examples = [(data.load_image(r.image_path), r.dsl) for r in train_rows[:config.num_shots]]
-        warm_up_projector(reader, train_rows, train_features, training, cost, accelerator)
+        warm_up_projector(reader, split, training, cost, accelerator)
     optimizer, scheduler = make_optimizer(reader, training, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)  # model: what trains
-    step, start = restore(resume_from, resumed_state, optimizer, scheduler, accelerator)
+    prepared, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
+    step, started = restore(resumed_state, saved, optimizer, scheduler, accelerator)
     hardware.reset_peak_memory(accelerator.device)  # the steps' peak memory is logged, not loading's
-    log = RunLog(Path(training.output_dir), {**asdict(config), **asdict(training)}, training.wandb_project,
-                 training.wandb_mode, checkpoint.read_state(resume_from)["wandb_id"] if resume_from else None,
+    log = RunLog(training, {**asdict(config), **asdict(training)}, saved.get("wandb_id"),
                  accelerator.is_main_process, resume_step=step)
+    run = Run(training, accelerator, reader, prepared, optimizer, scheduler, log, cost, started, steps_per_epoch)
     accelerator.print(f"{len(train_rows)} training and {len(val_rows)} validation images; {steps_per_epoch} steps "
                       f"per epoch, {total_steps} in all" + (f"; resuming from {resume_from} at step {step}"
                                                             if resume_from else ""))
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
     with StopRequested() as stop, bar:  # the bar closed, an error starts its own line
         while step < total_steps:
-            batches = training_batches(reader, train_rows, train_features, step, steps_per_epoch, training, accelerator)
-            with cost.count(tuple(tuple(b["input_ids"].shape) for b in batches), accelerator.num_processes):
-                loss, seconds = train_step(model, batches, optimizer, scheduler, accelerator, training.grad_clip)
+            # One optimizer step: forward, backward and update over this process's micro-batches.
+            batches = training_batches(run, split, step)
+            loss, seconds = train_step(run, batches)
             step += 1
             if not math.isfinite(loss):
                 return stop_on_nan(step, loss, training, bar, accelerator)
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                      "step_seconds": seconds, "tokens_per_second": tokens / seconds,
-                      "minutes": (time.time() - start) / 60,
-                      "images_seen": step * images_per_step,
-                      "train_flops": cost.train_flops,
-                      "peak_memory_gib": hardware.peak_memory_gib(accelerator.device)}  # since loading
-            log.step(record)
+            log_step(run, step, loss, seconds, batches)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
+            # Validate and save: the main process does; the others wait for it at the next step.
             end_of_epoch = step % steps_per_epoch == 0
             scores = None
-            # The main process validates and saves; the others wait for it at the next step.
-            validation_due = (training.eval_every and step % training.eval_every == 0) or end_of_epoch
-            if accelerator.is_main_process and validation_due:
-                scores = validate(reader, val_rows, val_features, training, accelerator, log, step, bar,
-                                  loss_over_all=end_of_epoch)
+            if accelerator.is_main_process and (end_of_epoch or (training.eval_every
+                                                                 and step % training.eval_every == 0)):
+                scores = validate(run, split, step, bar, loss_over_all=end_of_epoch)
             name = (f"epoch-{step // steps_per_epoch:02d}" if end_of_epoch else f"step-{step:07d}"
                     if (training.save_every and step % training.save_every == 0) or stop.requested else None)
             if name and accelerator.is_main_process:
-                state = {"step": step, "minutes": (time.time() - start) / 60, "validation": scores,
-                         "wandb_id": log.run_id, "train_flops": cost.train_flops, "train": asdict(training),
-                         "data": data_identity}
-                save(name, reader, state, training_state(optimizer, scheduler, accelerator), training, log)
+                save(run, name, step, scores, data_identity)
             if stop.requested:
                 bar.close()
                 accelerator.print(f"stopped at step {step}; continue with --resume auto "
                                   f"(--output_dir {training.output_dir})", file=sys.stderr)
                 return 130
-    bar.close()
     log.finish()
-    encoded, clip_flops = len(train_rows) + len(val_rows), reader.vision.flops_per_image()
-    accelerator.print(f"done in {(time.time() - start) / 60:.1f} minutes; checkpoints in {training.output_dir}\n"
-                      f"cost: {total_steps * images_per_step} images seen by the LLM, {cost.train_flops / 1e12:.1f} "
-                      f"TFLOP of training steps; CLIP encoded {encoded} images at {clip_flops / 1e9:.2f} GFLOP each "
-                      f"({encoded * clip_flops / 1e12:.1f} TFLOP)")
+    print_cost(run, split, total_steps)
     return 0
+
+
+def print_cost(run: Run, split: Split, total_steps: int):
+    encoded, clip_flops = len(split.train) + len(split.val), run.reader.vision.flops_per_image()
+    run.accelerator.print(f"done in {run.minutes():.1f} minutes; checkpoints in {run.training.output_dir}\n"
+                          f"cost: {total_steps * run.images_per_step} images seen by the LLM, "
+                          f"{run.cost.train_flops / 1e12:.1f} TFLOP of training steps; CLIP encoded {encoded} images "
+                          f"at {clip_flops / 1e9:.2f} GFLOP each ({encoded * clip_flops / 1e12:.1f} TFLOP)")
 
 
 # ---------------------------------------------------------------------------- its parts
@@ -208,8 +228,10 @@ def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, tor
     if mixed_precision == "fp16" and device.type != "cuda":
         raise SettingsError("FP16 training (--dtype float16 / --mixed_precision fp16) needs a CUDA GPU; on a CPU "
                             "use --dtype auto (or float32, bfloat16) and --mixed_precision no")
-    if config.llm_layers and config.llm_layers > (depth := language_model.llm_config(config.llm).num_hidden_layers):
-        raise SettingsError(f"--llm_layers {config.llm_layers}: {config.llm} has {depth} layers")
+    try:
+        language_model.check_layers(config.llm, config.llm_layers)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     if training.load_in_4bit and device.type != "cuda":
         raise SettingsError("--load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
                             f"this {device.type}; train without it (the full base in --dtype)")
@@ -219,6 +241,19 @@ def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, tor
     accelerator.print(f"{hardware.describe(accelerator.device)}\n{why}; mixed precision {mixed_precision}")
     set_seed(training.seed)
     return accelerator, hardware.DTYPES[dtype]
+
+
+def images_per_step(training: TrainConfig, processes: int) -> int:
+    return training.batch_size * training.gradient_accumulation_steps * processes
+
+
+def count_steps_per_epoch(training: TrainConfig, train_rows: int, processes: int, num_shots: int) -> int:
+    """Optimizer steps in one epoch, or a DataError where the rows are too few for one."""
+    if train_rows // images_per_step(training, processes) == 0 or train_rows <= num_shots:
+        raise data.DataError(f"{training.data_csv}: {train_rows} training rows are too few for batch size "
+                             f"{training.batch_size} x {training.gradient_accumulation_steps} accumulation step(s) x "
+                             f"{processes} process(es) and {num_shots} shots")
+    return train_rows // images_per_step(training, processes)
 
 
 def load_model(config: ModelConfig, training: TrainConfig, dtype: torch.dtype, resume_from=None) -> DiagramReader:
@@ -259,35 +294,35 @@ def split_data(training: TrainConfig, language: languages.Language) -> tuple[lis
             [r for r in rows if diagram_of[r.dsl] in val_diagrams])
 
 
-def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator):
+def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator) -> Split:
     """The vision encoder is frozen: its features are computed once per image and kept in memory."""
     reader.vision.to(accelerator.device)
     with tqdm(total=len(train_rows) + len(val_rows), desc="CLIP features", unit="img",
               disable=not accelerator.is_main_process) as bar:
-        return (reader.vision.encode([r.image_path for r in train_rows], progress=bar),
-                reader.vision.encode([r.image_path for r in val_rows], progress=bar))
+        return Split(train_rows, val_rows, reader.vision.encode([r.image_path for r in train_rows], progress=bar),
+                     reader.vision.encode([r.image_path for r in val_rows], progress=bar))
 
 
-def warm_up_projector(reader, train_rows, train_features, training: TrainConfig, cost: RunCost, accelerator):
-    """LLaVA's first stage, with the quadrant loss as its signal: the projector and its
-    quadrant head alone, on the cached features, before the LLM sees an image."""
+def warm_up_projector(reader: DiagramReader, split: Split, training: TrainConfig, cost: RunCost, accelerator):
+    """LLaVA's first stage, with the picture loss as its signal: the projector and its head
+    alone, on the cached features, before the LLM sees an image."""
     projector = reader.projector
     if not training.projector_warmup_epochs or projector.quadrant_head is None:
         return
-    targets = picture_targets(reader.language, [row.dsl for row in train_rows])
-    batch_size = 128
+    targets = picture_targets(reader.language, [row.dsl for row in split.train])
+    batch_size = training.projector_warmup_batch_size
     optimizer = torch.optim.AdamW(projector.parameters(), lr=training.projector_warmup_lr)
-    total = math.ceil(len(train_rows) / batch_size) * training.projector_warmup_epochs
+    total = math.ceil(len(split.train) / batch_size) * training.projector_warmup_epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     generator = torch.Generator().manual_seed(training.seed)
     projector.to(accelerator.device).train()
     for _ in tqdm(range(training.projector_warmup_epochs), desc="projector warm-up", unit="epoch",
                   disable=not accelerator.is_main_process):
-        order = torch.randperm(len(train_rows), generator=generator)
+        order = torch.randperm(len(split.train), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             with cost.count(("projector warm-up", len(batch))):
-                tokens = projector(train_features[batch].to(accelerator.device))
+                tokens = projector(split.train_features[batch].to(accelerator.device))
                 picture_loss(projector, tokens, targets[batch].to(accelerator.device)).backward()
             optimizer.step()
             scheduler.step()
@@ -308,18 +343,17 @@ def make_optimizer(reader: DiagramReader, training: TrainConfig, total_steps: in
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def restore(resume_from, resumed_state: dict | None, optimizer, scheduler, accelerator) -> tuple[int, float]:
+def restore(resumed_state: dict | None, saved: dict, optimizer, scheduler, accelerator) -> tuple[int, float]:
     """(step, start time) of a new run, or of a resumed one with its optimizer, scheduler,
-    gradient scaler and random states as they were (the model's weights came with it;
-    `resumed_state` is its checkpoint.load_training_state)."""
-    if not resume_from:
+    gradient scaler and random states as they were (the model's weights came with it).
+    resumed_state: checkpoint.load_training_state; saved: the checkpoint's state.json."""
+    if resumed_state is None:
         return 0, time.time()
     optimizer.load_state_dict(resumed_state["optimizer"])
     scheduler.load_state_dict(resumed_state["scheduler"])
     if accelerator.scaler is not None and resumed_state.get("scaler"):
         accelerator.scaler.load_state_dict(resumed_state["scaler"])
     checkpoint.set_rng_states(resumed_state["rng"])
-    saved = checkpoint.read_state(resume_from)
     return saved["step"], time.time() - 60 * saved["minutes"]
 
 
@@ -330,12 +364,12 @@ def epoch_order(num_train: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_train, generator=generator).tolist()
 
 
-def training_batches(reader, train_rows, train_features, step, steps_per_epoch, training: TrainConfig,
-                     accelerator) -> list[dict]:
+def training_batches(run: Run, split: Split, step: int) -> list[dict]:
     """This process's micro-batches of optimizer step `step`: target images in the epoch's
     order, each after num_shots other training images shown solved."""
-    epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-    order = epoch_order(len(train_rows), training.seed, epoch)
+    training, accelerator, shots_per_image = run.training, run.accelerator, run.reader.config.num_shots
+    epoch, batch_in_epoch = divmod(step, run.steps_per_epoch)
+    order = epoch_order(len(split.train), training.seed, epoch)
     rng = random.Random(f"{training.seed}:{step}:{accelerator.process_index}")
     batches = []
     for micro in range(training.gradient_accumulation_steps):
@@ -344,67 +378,80 @@ def training_batches(reader, train_rows, train_features, step, steps_per_epoch, 
         indices = order[first:first + training.batch_size]
         shots = []
         for i in indices:
-            others = rng.sample(range(len(train_rows) - 1), reader.config.num_shots)
+            others = rng.sample(range(len(split.train) - 1), shots_per_image)
             shots.append([c + (c >= i) for c in others])  # skip the target itself
-        images = torch.stack([train_features[s + [i]] for s, i in zip(shots, indices)])
-        batch = reader.collate(images, [[train_rows[j].dsl for j in s] for s in shots],
-                               [train_rows[i].dsl for i in indices])
+        features = torch.stack([split.train_features[s + [i]] for s, i in zip(shots, indices)])
+        batch = run.reader.collate(features, [[split.train[j].dsl for j in s] for s in shots],
+                                   [split.train[i].dsl for i in indices])
         batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
     return batches
 
 
-def train_step(model, batches: list[dict], optimizer, scheduler, accelerator, grad_clip: float) -> tuple[float, float]:
-    """One optimizer step over one or more micro-batches: (loss, seconds). Each micro-batch's
-    loss is weighted by its share of the target tokens, so the gradient is the one of a
-    single batch holding them all. A non-finite loss is returned before the update."""
+def train_step(run: Run, batches: list[dict]) -> tuple[float, float]:
+    """One optimizer step over one or more micro-batches: (loss, seconds), its FLOPs added to
+    run.cost. Each micro-batch's loss is weighted by its share of the target tokens, so the
+    gradient is the one of a single batch holding them all. A non-finite loss is returned
+    before the update."""
+    accelerator, model, optimizer = run.accelerator, run.prepared, run.optimizer
     started = time.perf_counter()
     model.train()
     targets = [int((batch["labels"] != IGNORE).sum()) for batch in batches]
     loss_value = 0.0
-    for i, (batch, count) in enumerate(zip(batches, targets)):
-        # Processes synchronise gradients once, after the last micro-batch.
-        with accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext():
-            with accelerator.autocast():
-                loss = model(**batch) * (count / sum(targets))
-            loss_value += accelerator.reduce(loss.detach(), reduction="mean").item()
-            if not math.isfinite(loss_value):
-                return loss_value, time.perf_counter() - started
-            accelerator.backward(loss)
-    if grad_clip:
-        accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
-    optimizer.step()  # under fp16, the gradient scaler skips steps with inf/nan gradients
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    with run.cost.count(tuple(tuple(b["input_ids"].shape) for b in batches), accelerator.num_processes):
+        for i, (batch, count) in enumerate(zip(batches, targets)):
+            # Processes synchronise gradients once, after the last micro-batch.
+            with accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext():
+                with accelerator.autocast():
+                    loss = model(**batch) * (count / sum(targets))
+                loss_value += accelerator.reduce(loss.detach(), reduction="mean").item()
+                if not math.isfinite(loss_value):
+                    return loss_value, time.perf_counter() - started
+                accelerator.backward(loss)
+        if run.training.grad_clip:
+            accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                        run.training.grad_clip)
+        optimizer.step()  # under fp16, the gradient scaler skips steps with inf/nan gradients
+        run.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     hardware.synchronize(accelerator.device)
     return loss_value, time.perf_counter() - started
 
 
+def log_step(run: Run, step: int, loss: float, seconds: float, batches: list[dict]):
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    run.log.step({"step": step, "epoch": step / run.steps_per_epoch, "loss": loss,
+                  "lr": run.scheduler.get_last_lr()[0], "step_seconds": seconds, "tokens_per_second": tokens / seconds,
+                  "minutes": run.minutes(), "images_seen": step * run.images_per_step,
+                  "train_flops": run.cost.train_flops,
+                  "peak_memory_gib": hardware.peak_memory_gib(run.accelerator.device)})  # since loading
+
+
 @torch.no_grad()
-def validate(reader: DiagramReader, val_rows, val_features, training: TrainConfig, accelerator, log: RunLog,
-             step: int, bar, loss_over_all: bool = False) -> dict:
-    """Loss, exact match and element F1 on the first eval_samples validation images (the
-    loss on all of them with loss_over_all), logged with a few predictions. Full test
+def validate(run: Run, split: Split, step: int, bar, loss_over_all: bool = False) -> dict:
+    """Loss, exact match and the DSL's own scores on the first eval_samples validation images
+    (the loss on all of them with loss_over_all), logged with a few predictions. Full test
     scores are inference.py's job."""
+    reader, batch_size, autocast = run.reader, run.training.batch_size, run.accelerator.autocast
     reader.eval()
     example_features, example_dsls = reader.prompt_examples()
-    n = min(training.eval_samples, len(val_rows))
-    n_loss = len(val_rows) if loss_over_all else n
+    n = min(run.training.eval_samples, len(split.val))
+    n_loss = len(split.val) if loss_over_all else n
     total_loss = 0.0
-    for start in range(0, n_loss, training.batch_size):
-        end = min(start + training.batch_size, n_loss)
-        batch = reader.collate(with_examples(example_features, val_features[start:end]),
-                               [example_dsls] * (end - start), [r.dsl for r in val_rows[start:end]])
-        batch.pop("quadrants", None)  # the validation loss is the DSL's alone, comparable across settings
-        with accelerator.autocast():
-            total_loss += reader(**{k: v.to(accelerator.device) for k, v in batch.items()}).item() * (end - start)
-    with accelerator.autocast():
-        predictions, _ = reader.read(val_features[:n])
-    references = [r.dsl for r in val_rows[:n]]
+    for start in range(0, n_loss, batch_size):
+        end = min(start + batch_size, n_loss)
+        batch = reader.collate(with_examples(example_features, split.val_features[start:end]),
+                               [example_dsls] * (end - start), [r.dsl for r in split.val[start:end]])
+        batch.pop("picture_labels", None)  # the validation loss is the DSL's alone, comparable across settings
+        with autocast():
+            total_loss += reader(**{k: v.to(run.accelerator.device) for k, v in batch.items()}).item() * (end - start)
+    with autocast():
+        predictions, _ = reader.read_features(split.val_features[:n])
+    references = [r.dsl for r in split.val[:n]]
     scores = reader.language.score(predictions, references)
     scores.pop("by_count", None)
     scores["loss"] = total_loss / n_loss
-    samples = [(r.image_path, p, r.dsl) for r, p in zip(val_rows[:8], predictions)]
-    log.validation(step, scores, samples, reader.language)
+    run.log.validation(step, scores, [(r.image_path, p, r.dsl) for r, p in zip(split.val[:8], predictions)],
+                       reader.language)
     f1s = "".join(f", {name[:-3].replace('_', ' ')} F1 {value:.3f}" for name, value in scores.items()
                   if name.endswith("_f1"))  # the DSL's own: element F1, node F1, ...
     bar.write(f"step {step}: val loss {scores['loss']:.4f}, exact match {scores['exact_match']:.3f} on "
@@ -415,20 +462,19 @@ def validate(reader: DiagramReader, val_rows, val_features, training: TrainConfi
     return scores
 
 
-def training_state(optimizer, scheduler, accelerator) -> dict:
-    """What --resume needs beside the model, in values torch.load(weights_only=True) reads back."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "rng": checkpoint.rng_states()}
-
-
-def save(name: str, reader: DiagramReader, state: dict, resume_state: dict, training: TrainConfig, log: RunLog):
-    """A checkpoint of the model, its `state` (state.json) and what --resume needs; older
-    step checkpoints pruned."""
-    folder = checkpoint.save(Path(training.output_dir), name, reader, state, resume_state)
+def save(run: Run, name: str, step: int, scores: dict | None, data_identity: dict):
+    """Checkpoint `name`: the model, its state.json (step, validation scores, minutes, cost,
+    settings, data_identity) and what --resume needs; older step checkpoints pruned."""
+    accelerator, training = run.accelerator, run.training
+    state = {"step": step, "minutes": run.minutes(), "validation": scores, "wandb_id": run.log.run_id,
+             "train_flops": run.cost.train_flops, "train": asdict(training), "data": data_identity}
+    resume_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "rng": checkpoint.rng_states()}  # values torch.load(weights_only=True) reads back
+    folder = checkpoint.save(Path(training.output_dir), name, run.reader, state, resume_state)
     checkpoint.prune(folder.parent, training.keep_step_checkpoints)
     if name.startswith("epoch-"):
-        log.checkpoint(folder)
+        run.log.checkpoint(folder)
 
 
 class RunCost:

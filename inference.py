@@ -28,8 +28,11 @@ import hardware
 import language_model
 import languages
 import settings
-from model import READ_BATCH, CheckpointError, DiagramReader, read_json
+from checkpoint import CheckpointError, read_json
+from model import READ_BATCH, DiagramReader
 from settings import setting
+
+PICTURES_IN_MEMORY = 256  # pictures decoded from their files at a time
 
 
 @dataclass
@@ -46,6 +49,38 @@ class Arguments:
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
+
+
+@dataclass
+class Reading:
+    """What the model read in one picture."""
+
+    dsl: str  # the canonical DSL text (the raw output where it does not parse: never with grammar decoding)
+    valid: bool  # the text parses under the DSL
+    confidence: float  # the lowest probability the model gave to a token it chose
+    # Render and compare, for a DSL that has it (diagram: share of quadrants where the picture has
+    # ink exactly where the DSL draws an element); None for one without.
+    agreement: float | None
+
+
+def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
+         constrained: bool = True, progress=None) -> list[Reading]:
+    """Read pictures (PIL images or files): each one's DSL, confidence and agreement.
+
+        reader = inference.load("checkpoints")
+        for reading in inference.read(reader, ["example.png"]):
+            print(reading.dsl, reading.confidence, reading.agreement)
+    """
+    language, readings = reader.language, []
+    agreement = language.part("agreement")
+    for start in range(0, len(pictures), PICTURES_IN_MEMORY):
+        chunk = [picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
+                 for picture in pictures[start:start + PICTURES_IN_MEMORY]]
+        texts, confidences = reader.read_pictures(chunk, batch_size, constrained, progress)
+        readings += [Reading(language.canonical_or_raw(text), language.is_valid(text), confidence,
+                             agreement(picture, text) if agreement else None)
+                     for picture, text, confidence in zip(chunk, texts, confidences)]
+    return readings
 
 
 def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,
@@ -99,7 +134,7 @@ def load(checkpoint_path: str | Path, device: str = "auto", dtype: str = "auto",
     base = llm or read_json(folder / "config.json").get("llm", "")
     dtype, reason = hardware.choose_dtype(dtype, device, lambda: language_model.mlp_shape(base))
     print(reason, file=sys.stderr)
-    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], llm, merge=True)
+    reader = DiagramReader.from_pretrained(folder, hardware.DTYPES[dtype], llm, merge_adapter=True)
     return reader.use_attention_for(device).to(device).eval()
 
 
@@ -137,7 +172,7 @@ def main(args: Arguments, image_args: list[str]) -> int:
 
     reader = load(args.checkpoint, args.device, args.dtype, args.llm)
     with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
-        readings = reader.read_images(paths, args.batch_size, args.constrained, progress=bar)
+        readings = read(reader, paths, args.batch_size, args.constrained, progress=bar)
     predictions = [r.dsl for r in readings]
     confidences = [r.confidence for r in readings]
     agreements = [r.agreement for r in readings]

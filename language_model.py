@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -45,14 +45,14 @@ def smollm2_path() -> Path:
     return Path(str(importlib.resources.files(importlib.util.module_from_spec(spec)) / SMOLLM2_GGUF))
 
 
-def find(name: str) -> tuple[str, dict]:
-    """(folder or hub id, extra from_pretrained arguments) of an --llm value."""
+def find(name: str) -> str:
+    """The folder or hub id of an --llm value (a GGUF file becomes a cached folder)."""
     if name == SMOLLM2 or name.endswith(".gguf"):
         path = smollm2_path() if name == SMOLLM2 else Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
-        return str(gguf_as_folder(path)), {}
-    return name, {}
+        return str(gguf_as_folder(path))
+    return name
 
 
 def gguf_as_folder(path: Path) -> Path:
@@ -88,8 +88,14 @@ def llm_config(name: str):
     """The LLM's config alone, without loading its weights."""
     if llama_shape.is_shape(name):
         return llama_shape.config()
-    location, extra = find(name)
-    return AutoConfig.from_pretrained(location, **extra)
+    return AutoConfig.from_pretrained(find(name))
+
+
+def check_layers(name: str, layers: int):
+    """A ValueError where `layers` (llm_layers: the decoder layers kept, 0 for all) is more than
+    the LLM has; read from its config, before its weights load."""
+    if layers and layers > (depth := llm_config(name).num_hidden_layers):
+        raise ValueError(f"--llm_layers {layers}: {name} has {depth} layers")
 
 
 def mlp_shape(name: str) -> tuple[int, int]:
@@ -116,8 +122,8 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, loa
                              "with `python llama_shape.py --out DIR` and pass --llm DIR")
         llm, tokenizer = llama_shape.build(dtype, layers)
     else:
-        location, extra = find(name)
-        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        location, extra = find(name), {}
+        tokenizer = AutoTokenizer.from_pretrained(location)
         if load_in_4bit:
             from transformers import BitsAndBytesConfig
             extra["quantization_config"] = BitsAndBytesConfig(
@@ -125,9 +131,7 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, loa
                 bnb_4bit_compute_dtype=dtype)
             extra["device_map"] = {"": torch.cuda.current_device()}
         llm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
-    if layers:
-        if not 1 <= layers <= len(llm.model.layers):
-            raise ValueError(f"llm_layers {layers}: {name} has {len(llm.model.layers)} layers")
+    if layers:  # finetune.py checked it: check_layers
         llm.model.layers = llm.model.layers[:layers]
         llm.config.num_hidden_layers = layers
     if tokenizer.pad_token is None:
@@ -146,15 +150,18 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, layers: int = 0, loa
     return llm, tokenizer
 
 
-def with_lora(llm, new_token_ids: list[int], config, load_in_4bit: bool = False):
-    """The LLM wrapped by PEFT for training: LoRA adapters on `target_modules`, and the new
+def with_lora(llm, new_token_ids: list[int], config, load_in_4bit: bool = False, saved: Path | None = None,
+              trainable: bool = True):
+    """The LLM wrapped by PEFT: new LoRA adapters on config's target modules with the new
     tokens' embedding rows trainable (PEFT's trainable tokens; the output side too where the
-    LLM's embeddings are untied, as Llama 3.1's are)."""
+    LLM's embeddings are untied, as Llama 3.1's are), or the adapter saved in `saved`."""
+    if load_in_4bit and trainable:
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+    if saved is not None:
+        return PeftModel.from_pretrained(llm, saved, is_trainable=trainable)
     trainable_tokens = {"embed_tokens": new_token_ids}
     if not llm.config.tie_word_embeddings:
         trainable_tokens["lm_head"] = new_token_ids
-    if load_in_4bit:
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     return get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                           lora_dropout=config.lora_dropout,
                                           target_modules=list(config.lora_target_modules),

@@ -15,7 +15,7 @@ embeddings of the new tokens (the DSL's own, and the two image markers); the vis
 and the LLM's own weights stay frozen.
 
 `DiagramReader.save_pretrained` / `DiagramReader.from_pretrained` are the model's
-save/load pair; checkpoint.py adds what a training run keeps beside it.
+save/load pair; checkpoint.py checks a checkpoint and adds what a training run keeps beside it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from peft import PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import checkpoint
 import data
 import grammar
 import language_model
@@ -44,9 +44,7 @@ IMAGE_SLOT = -1  # input id of a position that holds an image embedding instead 
 IGNORE = -100  # label of a position without loss
 
 TARGET_FORMATS = ("tags", "text")
-# Pictures decoded together. On a CPU 256 pictures take 9 s at 128, 12 at 64 and 17 at 32:
-# the rows are short, so a small batch leaves the matmuls little to do.
-READ_BATCH = 128
+READ_BATCH = 128  # pictures decoded together: short rows leave a small batch's matmuls little to do
 PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
 PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
 
@@ -139,9 +137,9 @@ class ModelConfig:
             return  # an architecture described otherwise (timm): the encoder checks itself when built
         check(side % patch == 0, "image_size", self.image_size,
               f"a multiple of {self.clip_model}'s patch size, {patch} px")
+        problem = patch_grid_problem((side // patch) ** 2, self.patch_merge)
         hint = " (ViT-B-32: 256 px makes it 8 x 8)" if self.clip_model == "ViT-B-32" else ""
-        check((side // patch) % self.patch_merge == 0, "patch_merge", self.patch_merge,
-              f"does not divide the {side // patch} x {side // patch} patch grid of {side} px images{hint}")
+        check(problem is None, "patch_merge", self.patch_merge, f"{problem} of {side} px images{hint}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -152,7 +150,8 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- vision
 
 class VisionEncoder(nn.Module):
-    """A frozen open_clip image tower: images -> features [B, T, D]."""
+    """A frozen open_clip image tower: pixels [B, 3, H, W] -> features [B, T, D]: one block's
+    patch tokens (T = grid * grid), or the pooled embedding (T = 1)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -170,12 +169,6 @@ class VisionEncoder(nn.Module):
         self.features = config.image_features
         blocks = len(self.visual.transformer.resblocks)
         self.layer = config.clip_layer % blocks
-        self.merge = config.patch_merge
-        self.patches_per_token = self.merge ** 2 if self.features == "patches" else 1
-        self.grid = self.visual.grid_size[0]
-        if self.features == "patches" and self.grid % self.merge:
-            raise ValueError(f"patch_merge {self.merge} does not divide the {self.grid} x {self.grid} patch grid; "
-                             "pick an image_size that makes it divide (ViT-B-32: 256 for an 8 x 8 grid)")
         with torch.no_grad():
             size = self.visual.image_size
             self.feature_shape = tuple(self(torch.zeros(1, 3, *size)).shape[1:])
@@ -190,31 +183,24 @@ class VisionEncoder(nn.Module):
         # Patch tokens of one block, before the final LayerNorm, without the class token.
         out = self.visual.forward_intermediates(pixels, indices=[self.layer], stop_early=True,
                                                 intermediates_only=True, output_fmt="NLC")
-        tokens = out["image_intermediates"][0]
-        if self.merge == 1:
-            return tokens
-        # Concatenate each k x k block of neighbouring patches into one token: k*k fewer
-        # tokens for the LLM, and the projector sees a k-times wider window.
-        b, _, width = tokens.shape
-        g, k = self.grid, self.merge
-        tokens = tokens.view(b, g // k, k, g // k, k, width).permute(0, 1, 3, 2, 4, 5)
-        return tokens.reshape(b, (g // k) ** 2, k * k * width)
+        return out["image_intermediates"][0]  # [B, grid * grid, D], row by row
 
     @torch.no_grad()
-    def encode(self, images: list[Image.Image | Path], batch_size: int = 64, progress=None) -> torch.Tensor:
-        """Features of images (PIL images or files), [N, T, D] float32 on the CPU. Files are
+    def encode(self, pictures: list[Image.Image | Path], batch_size: int = 64, progress=None) -> torch.Tensor:
+        """Features of pictures (PIL images or files), [N, T, D] float32 on the CPU. Files are
         decoded and preprocessed by a pool of threads while the encoder runs (PIL releases
         the GIL), a batch at a time."""
         from concurrent.futures import ThreadPoolExecutor
 
         device = next(self.visual.parameters()).device
 
-        def pixels(image):
-            return self.preprocess(image.convert("RGB") if isinstance(image, Image.Image) else data.load_image(image))
+        def pixels(picture):
+            return self.preprocess(picture.convert("RGB") if isinstance(picture, Image.Image)
+                                   else data.load_image(picture))
 
         chunks = []
         with ThreadPoolExecutor(max_workers=2) as pool:
-            batches = [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
+            batches = [pictures[start:start + batch_size] for start in range(0, len(pictures), batch_size)]
             pending = pool.map(lambda batch: torch.stack(list(map(pixels, batch))), batches)
             for batch in pending:
                 chunks.append(self(batch.to(device)).float().cpu())
@@ -230,10 +216,6 @@ class VisionEncoder(nn.Module):
             self(torch.zeros(1, 3, *self.visual.image_size, device=next(self.visual.parameters()).device))
         return counter.get_total_flops()
 
-    def identity(self) -> dict:
-        """What a checkpoint records to recognise these weights later."""
-        return {"clip_fingerprint": fingerprint(self.visual.parameters()), "feature_shape": list(self.feature_shape)}
-
 
 def fingerprint(tensors) -> float:
     """A checksum of weights: tells whether two models are the same (random ones included)."""
@@ -242,29 +224,51 @@ def fingerprint(tensors) -> float:
 
 # ---------------------------------------------------------------------------- projector
 
-class Projector(nn.Module):
-    """CLIP features [B, T, D] -> LLM input embeddings [B, T, hidden].
+def patch_grid_problem(tokens: int, merge: int) -> str | None:
+    """Why `merge` x `merge` blocks cannot tile a grid of `tokens` patch tokens, or None."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        return f"needs a square grid of patch tokens, not {tokens}"
+    if side % merge:
+        return f"does not divide the {side} x {side} patch grid"
+    return None
 
-    First z-scores each position and channel with statistics of the training
-    images (buffers, saved with the weights), then a LayerNorm (per CLIP patch for
-    patch_mlp, over the whole token otherwise): features of a frozen encoder vary
-    little across images against their overall scale (a random ViT's pooled vector
-    is ~95% constant), and fed raw the LLM learns the output format and ignores
-    the image. patch_mlp then maps every patch with one shared linear layer
-    before the MLP mixes a token's patches: a shape looks the same in whichever
-    patch it falls, so what one patch learns serves all (measured: docs/LOG.md).
-    With quadrant_head, it also carries the linear head of the quadrant loss
-    (quadrant_logits), which only training uses.
+
+def merge_patches(features: torch.Tensor, merge: int) -> torch.Tensor:
+    """[..., g * g, D] patch tokens, row by row -> [..., (g / k)^2, k * k * D]: each k x k block of
+    neighbours as one token (k = merge), k*k fewer tokens for the LLM (nanoVLM's pixel shuffle)."""
+    if merge == 1:
+        return features
+    *lead, tokens, width = features.shape
+    g, k = math.isqrt(tokens), merge
+    blocks = features.reshape(-1, g // k, k, g // k, k, width).transpose(2, 3)  # [N, g/k, g/k, k, k, D]
+    return blocks.reshape(*lead, (g // k) ** 2, k * k * width)
+
+
+class Projector(nn.Module):
+    """CLIP features [..., T, D] -> LLM input embeddings [..., T / k^2, hidden].
+
+    Merges each k x k block of patches into one token (patch_merge), z-scores each
+    position and channel with the training images' statistics (a frozen encoder's
+    features vary little across images against their scale: fed raw, the LLM ignores
+    them), LayerNorms each patch, then maps it: patch_mlp maps every patch with one
+    shared linear layer before an MLP mixes a token's patches (a shape looks the same in
+    whichever patch it falls). `head`, when given, is the picture loss's linear head.
     """
 
     def __init__(self, kind: str, feature_shape: tuple[int, int], hidden_size: int,
-                 head: tuple[int, int] | None = None, positions: bool = False, patches_per_token: int = 1):
+                 head: tuple[int, int] | None = None, positions: bool = False, patch_merge: int = 1):
         super().__init__()
         tokens, width = feature_shape
+        if patch_merge > 1 and (problem := patch_grid_problem(tokens, patch_merge)):
+            raise ValueError(f"patch_merge {patch_merge} {problem}; pick an image_size that makes it divide "
+                             "(ViT-B-32: 256 px for 8 x 8)")
+        self.patch_merge = patch_merge
+        tokens, width = tokens // patch_merge ** 2, width * patch_merge ** 2  # of the merged tokens
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
         self.register_buffer("feature_std", torch.ones(tokens, width))
-        self.patches = patches_per_token if kind == "patch_mlp" else 1
-        self.norm = nn.LayerNorm(width // self.patches)  # per patch
+        self.patches = patch_merge ** 2 if kind == "patch_mlp" else 1  # LayerNorm'd one by one
+        self.norm = nn.LayerNorm(width // self.patches)
         self.patch = None  # patch_mlp's shared map
         if kind == "patch_mlp":
             self.patch = nn.Linear(width // self.patches, PATCH_CODE)
@@ -291,11 +295,12 @@ class Projector(nn.Module):
     @torch.no_grad()
     def set_feature_statistics(self, features: torch.Tensor):
         """features: [N, T, D] of the training images."""
-        self.feature_mean.copy_(features.mean(dim=0))
-        self.feature_std.copy_(features.std(dim=0) + 1e-6)
+        merged = merge_patches(features, self.patch_merge)
+        self.feature_mean.copy_(merged.mean(dim=0))
+        self.feature_std.copy_(merged.std(dim=0) + 1e-6)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = features.to(self.feature_mean.dtype)
+        features = merge_patches(features.to(self.feature_mean.dtype), self.patch_merge)
         scored = (features - self.feature_mean) / self.feature_std
         patches = self.norm(scored.unflatten(-1, (self.patches, -1)))  # [B, T, k*k, D / (k*k)]
         if self.patch is not None:
@@ -317,30 +322,20 @@ class Projector(nn.Module):
         return self.quadrant_head(cells)
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is incomplete or was made for another model."""
-
-
-MODEL_FILES = ("config.json", "base_models.json", "projector.safetensors", "adapter/adapter_config.json",
-               "adapter/adapter_model.safetensors")
-IDENTITY_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
-              "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
-
-
 # ---------------------------------------------------------------------------- the whole model
 
 class DiagramReader(nn.Module):
     """Vision encoder (frozen) + projector + LLM with LoRA, and the solved examples its
-    prompt shows. Training feeds cached vision features to `forward`; `read` reads vision
-    features (vision.encode makes them), `read_images` reads pictures."""
+    prompt shows. Training feeds cached vision features to `forward`; `read_features` reads
+    vision features (vision.encode makes them), `read_pictures` reads pictures."""
 
     def __init__(self, config: ModelConfig, vision: VisionEncoder, projector: Projector, llm, tokenizer,
-                 llm_fingerprint: float, examples: list[tuple[Image.Image, str]] = ()):
+                 base_models: dict):
         super().__init__()
         self.config, self.vision, self.projector, self.llm, self.tokenizer = config, vision, projector, llm, tokenizer
+        self.base_models = base_models  # what identifies the base models: base_models.json
         self.language = languages.load(config.dsl)
-        self.llm_fingerprint = llm_fingerprint  # of the base LLM's input embeddings, new rows included
-        self.examples = list(examples)
+        self.examples: list[tuple[Image.Image, str]] = []  # the prompt's solved examples: (picture, DSL)
         self.image_tokens = projector.feature_mean.shape[0]
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id, self.image_end_id = ids(IMAGE_START), ids(IMAGE_END)
@@ -360,14 +355,41 @@ class DiagramReader(nn.Module):
         """A fresh model for training: LoRA adapters and new tokens on the pretrained LLM
         (QLoRA with load_in_4bit). The projector's feature statistics are set later, from the
         training images."""
-        vision, llm, tokenizer, base = load_base_models(config, dtype, load_in_4bit)
+        return cls._assemble(config, dtype, load_in_4bit)
+
+    @classmethod
+    def _assemble(cls, config: ModelConfig, dtype, load_in_4bit: bool, saved: Path | None = None,
+                  trainable: bool = True) -> "DiagramReader":
+        """The one construction path, of a new model or (`saved`: a checkpoint folder) of a saved
+        one, whose base models must be the ones it was trained with (else a CheckpointError)."""
+        identity = checkpoint.read_json(saved / "base_models.json") if saved else {}
         language = languages.load(config.dsl)
+        with checkpoint.loading(saved and f"the CLIP this checkpoint was trained with "
+                                          f"({config.clip_model} / {config.clip_pretrained})"):
+            vision = VisionEncoder(config)
+        merge = config.patch_merge if config.image_features == "patches" else 1
+        tokens, width = vision.feature_shape
+        clip_facts = {"clip_fingerprint": fingerprint(vision.visual.parameters()),
+                      "feature_shape": [tokens // merge ** 2, width * merge ** 2]}  # the projector's tokens
+        checkpoint.check_same_models(identity, clip_facts, f"CLIP {config.clip_model} / {config.clip_pretrained}")
+        with checkpoint.loading(saved and f"the base LLM {config.llm!r} of this checkpoint"):
+            llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit,
+                                                     language.tokens)
+        llm_facts = {"llm_hidden_size": llm.config.hidden_size, "vocab_size": len(tokenizer),
+                     "llm_fingerprint": fingerprint([llm.get_input_embeddings().weight])}  # new rows included
+        checkpoint.check_same_models(identity, llm_facts, f"the LLM {config.llm}")
         new_ids = tokenizer.convert_tokens_to_ids(language_model.new_tokens(language.tokens))
-        llm = language_model.with_lora(llm, new_ids, config, load_in_4bit)
+        llm = language_model.with_lora(llm, new_ids, config, load_in_4bit, saved and saved / "adapter", trainable)
+        weights = load_file(saved / "projector.safetensors") if saved else None
+        # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
+        head = config.quadrant_loss > 0 and (weights is None or "quadrant_head.weight" in weights)
         projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              head=picture_head(language) if config.quadrant_loss > 0 else None,
-                              positions=config.image_positions, patches_per_token=vision.patches_per_token)
-        return cls(config, vision, projector, llm, tokenizer, base)
+                              head=picture_head(language) if head else None,
+                              positions=config.image_positions if weights is None else "positions" in weights,
+                              patch_merge=merge)
+        if weights is not None:
+            projector.load_state_dict(weights)
+        return cls(config, vision, projector, llm, tokenizer, clip_facts | llm_facts)
 
     # -- checkpoints: the save/load pair
 
@@ -387,51 +409,30 @@ class DiagramReader(nn.Module):
             image.save(folder / "examples" / f"{i}.png")
             (folder / "examples" / f"{i}.dsl.txt").write_text(text)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        identity = {**self.vision.identity(), "llm_hidden_size": self.llm.config.hidden_size,
-                    "vocab_size": len(self.tokenizer), "llm_fingerprint": self.llm_fingerprint}
-        (folder / "base_models.json").write_text(json.dumps(identity, indent=2) + "\n")
+        (folder / "base_models.json").write_text(json.dumps(self.base_models, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype=torch.float32, llm_name: str = "",
-                        trainable: bool = False, load_in_4bit: bool = False, merge: bool = False) -> "DiagramReader":
-        """A saved model (a checkpoint folder, or a run's `best` pointer), for inference or
-        (trainable) to resume training; `llm_name` loads
-        the base LLM from elsewhere than config.json says (the same model, moved). `merge`
-        folds the adapter and the new rows into the base weights, for reading only: no adapter
-        work per token and no copy of the embedding matrix per step. Refuses,
-        with a CheckpointError that says why, a checkpoint whose files are missing or whose
-        base LLM or CLIP cannot be loaded or differ from the ones it was trained with."""
-        folder = Path(folder)
-        if folder.is_file() and folder.name == "best":  # a run's pointer: "checkpoints/best"
-            folder = folder.parent / folder.read_text().strip()
-        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
-        if missing:
-            raise CheckpointError(f"{folder} is not a complete checkpoint: missing {', '.join(missing)}")
-        config = ModelConfig.from_dict(read_json(folder / "config.json"))
+                        trainable: bool = False, load_in_4bit: bool = False,
+                        merge_adapter: bool = False) -> "DiagramReader":
+        """A saved model (a checkpoint folder, a run folder or its `best` pointer), for reading
+        or (trainable) to resume training. `llm_name`: the base LLM from elsewhere than
+        config.json says (the same model, moved). `merge_adapter` folds the adapter and the new
+        rows into the base weights, for reading only: less work per token. A checkpoint that is
+        incomplete or whose base models differ is refused with a CheckpointError."""
+        folder = checkpoint.model_folder(folder)
+        config = ModelConfig.from_dict(checkpoint.read_json(folder / "config.json"))
         config.llm = llm_name or config.llm
-        vision, llm, tokenizer, base = load_base_models(config, dtype, load_in_4bit,
-                                                        identity=read_json(folder / "base_models.json"))
-        if load_in_4bit and trainable:
-            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
-        if merge and not trainable:
-            llm = llm.merge_and_unload()
-        weights = load_file(folder / "projector.safetensors")
-        # A checkpoint without a quadrant head (quadrant_loss 0, or older) goes on training without the loss.
-        projector = Projector(config.projector, vision.feature_shape, llm.config.hidden_size,
-                              head=picture_head(languages.load(config.dsl)) if config.quadrant_loss > 0
-                              and "quadrant_head.weight" in weights else None, positions="positions" in weights,
-                              patches_per_token=vision.patches_per_token)
-        projector.load_state_dict(weights)
-        examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
-                     (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
-        return cls(config, vision, projector, llm, tokenizer, base, examples)
+        reader = cls._assemble(config, dtype, load_in_4bit, saved=folder, trainable=trainable)
+        if merge_adapter and not trainable:
+            reader.llm = reader.llm.merge_and_unload()
+        reader.examples = [(Image.open(folder / "examples" / f"{i}.png").convert("RGB"),
+                            (folder / "examples" / f"{i}.dsl.txt").read_text()) for i in range(config.num_shots)]
+        return reader
 
     def use_attention_for(self, device: torch.device) -> "DiagramReader":
-        """Plain (eager) attention on a CPU: for these short sequences (~30 tokens) torch's
-        fused CPU kernel is slower, its backward most of all (measured: a bfloat16 training
-        step ~10% faster, float32 the same within noise, inference's 200 test images 17 -> 14 s);
-        PyTorch's fused SDPA, the default, on a GPU."""
+        """Eager attention on a CPU, where torch's fused kernel is slower for these short rows
+        (docs/LOG.md); PyTorch's fused SDPA, the default, on a GPU."""
         self.llm.set_attn_implementation("eager" if device.type == "cpu" else "sdpa")
         return self
 
@@ -455,8 +456,8 @@ class DiagramReader(nn.Module):
             ids += self.image_ids() + self.dsl_ids(text)
         return ids + self.image_ids()
 
-    def collate(self, images: torch.Tensor, example_dsls: list[list[str]], targets: list[str] | None = None):
-        """A left-padded batch. images: [B, num_shots + 1, T, D] features (examples, then target);
+    def collate(self, features: torch.Tensor, example_dsls: list[list[str]], targets: list[str] | None = None):
+        """A left-padded batch. features: [B, num_shots + 1, T, D] vision features (examples, then target);
         example_dsls: per sample, the examples' DSL; targets: the target DSL (training) or None."""
         sequences, label_rows = [], []
         for i, examples in enumerate(example_dsls):
@@ -469,9 +470,9 @@ class DiagramReader(nn.Module):
         input_ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences])
         attention_mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
         labels = torch.tensor([[IGNORE] * (length - len(r)) + r for r in label_rows])
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "features": features}
         if targets is not None and self.projector.quadrant_head is not None:
-            batch["quadrants"] = picture_targets(self.language, targets)
+            batch["picture_labels"] = picture_targets(self.language, targets)
         return batch
 
     # -- forward
@@ -483,42 +484,41 @@ class DiagramReader(nn.Module):
         slots = input_ids == IMAGE_SLOT
         return embeddings.masked_scatter(slots[..., None], projected.flatten(1, 2).to(embeddings.dtype))
 
-    def forward(self, input_ids, attention_mask, labels, images, quadrants=None) -> torch.Tensor:
-        """Cross-entropy per target token. Given the quadrants' classes (collate adds them when
-        the projector has a quadrant head), each quadrant's cross-entropy joins the sum,
-        weighted by quadrant_loss; the total stays a sum over the batch divided by its target
-        tokens, so micro-batches weighted by their share of those tokens add up to the batch."""
-        projected = self.projector(images)  # [B, images, T, hidden]: once, for the LLM and the quadrant head
+    def forward(self, input_ids, attention_mask, labels, features, picture_labels=None) -> torch.Tensor:
+        """Cross-entropy per target token. Given the picture loss's labels (collate adds them when
+        the projector has its head), that loss joins the sum, weighted by quadrant_loss; the total
+        stays a sum over the batch divided by its target tokens, so micro-batches weighted by
+        their share of those tokens add up to the batch."""
+        projected = self.projector(features)  # [B, images, T, hidden]: once, for the LLM and the picture head
         embeddings = self.embed(input_ids, projected)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-        # Targets sit at the end of every row (left padding), so logits are needed only there:
-        # computing them over the whole prompt would cost a vocabulary-sized matmul per position.
-        # The positions go as a tensor, not a count: the LLM gathers them into one block, where
-        # a slice of them sent the matmul, under no_grad, down a path that copies the embedding
-        # matrix once per row (a validation forward cost 2.7 training forwards; docs/LOG.md).
+        # Targets sit at the end of every row (left padding), so logits are needed only there.
+        # The positions go as a tensor, not a count: a slice sent the matmul, under no_grad, down
+        # a path that copies the embedding matrix once per row (docs/LOG.md).
         first_label = int((labels != IGNORE).int().argmax(dim=1).min())
         positions = torch.arange(first_label - 1, labels.shape[1], device=labels.device)
         logits = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=positions).logits
         targets = labels[:, first_label:].flatten()
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
-        if quadrants is not None:
-            loss = loss + self.config.quadrant_loss * picture_loss(self.projector, projected[:, -1], quadrants, "sum")
+        if picture_labels is not None:
+            loss = loss + self.config.quadrant_loss * picture_loss(self.projector, projected[:, -1], picture_labels,
+                                                                   "sum")
         return loss / (targets != IGNORE).sum()
 
     # -- generation: the one path that validation, inference and the benchmark share
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, example_dsls: list[list[str]],
+    def generate(self, features: torch.Tensor, example_dsls: list[list[str]],
                  constrained: bool = True) -> tuple[list[str], list[float]]:
-        """Greedy, batched, KV-cached decoding of image features [B, shots + 1, T, D].
+        """Greedy, batched, KV-cached decoding of vision features [B, shots + 1, T, D].
         Returns the raw texts up to the end token and each one's confidence: the lowest
         probability the model gave to a token it chose. `constrained` lets the DSL's grammar
         file decide which tokens may come next (for what the DSL says the model writes: not
         with target_format text)."""
-        batch = self.collate(images, example_dsls)
+        batch = self.collate(features, example_dsls)
         device = self.projector.feature_mean.device
-        embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["images"].to(device)))
+        embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["features"].to(device)))
         rules = self.grammar if constrained and self.config.target_format != "text" else None
         processors = [grammar.logits_processor(rules, self.tokenizer, len(embeddings), self.end_id)] if rules else []
         out = self.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device),
@@ -543,110 +543,39 @@ class DiagramReader(nn.Module):
         return self.vision.encode([image for image, _ in self.examples]), [text for _, text in self.examples]
 
     @torch.no_grad()
-    def read(self, features: torch.Tensor, batch_size: int = READ_BATCH, constrained: bool = True,
-             progress=None) -> tuple[list[str], list[float]]:
-        """Raw DSL and confidence for the images whose vision features are `features` [N, T, D],
+    def read_features(self, features: torch.Tensor, batch_size: int = READ_BATCH, constrained: bool = True,
+                      progress=None) -> tuple[list[str], list[float]]:
+        """Raw DSL and confidence for the pictures whose vision features are `features` [N, T, D],
         each after the model's solved examples."""
         self.eval()
         example_features, example_dsls = self.prompt_examples()
         texts, confidences = [], []
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
-            images = with_examples(example_features, chunk)
-            batch_texts, batch_confidences = self.generate(images, [example_dsls] * len(chunk), constrained)
-            texts += batch_texts
-            confidences += batch_confidences
+            chunk_texts, chunk_confidences = self.generate(with_examples(example_features, chunk),
+                                                           [example_dsls] * len(chunk), constrained)
+            texts += chunk_texts
+            confidences += chunk_confidences
             if progress is not None:
                 progress.update(len(chunk))
         return texts, confidences
 
     @torch.no_grad()
-    def read_images(self, images: list[Image.Image | str | Path], batch_size: int = READ_BATCH, constrained: bool = True,
-                    progress=None) -> list[Reading]:
-        """Read pictures (PIL images or files): each one's DSL, confidence and agreement.
+    def read_pictures(self, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
+                      constrained: bool = True, progress=None) -> tuple[list[str], list[float]]:
+        """Raw DSL and confidence for pictures (PIL images or files).
 
-            reader = DiagramReader.from_pretrained("checkpoints/best")
-            for reading in reader.read_images(["example.png"]):
-                print(reading.dsl, reading.confidence, reading.agreement)
+            reader = DiagramReader.from_pretrained("checkpoints")
+            texts, confidences = reader.read_pictures(["example.png"])
         """
-        readings = []
-        for start in range(0, len(images), 256):  # a chunk of pictures in memory at a time
-            pictures = [image.convert("RGB") if isinstance(image, Image.Image) else data.load_image(image)
-                        for image in images[start:start + 256]]
-            texts, confidences = self.read(self.vision.encode(pictures, progress=progress), batch_size,
-                                           constrained, progress=progress)
-            agreement = self.language.part("agreement")
-            readings += [Reading(self.language.canonical_or_raw(text), self.language.is_valid(text), confidence,
-                                 agreement(picture, text) if agreement else None)
-                         for picture, text, confidence in zip(pictures, texts, confidences)]
-        return readings
+        features = self.vision.encode(pictures, progress=progress)
+        return self.read_features(features, batch_size, constrained, progress)
 
     def trainable_parameters(self):
         """(LoRA weights, projector and new-token embeddings): the two learning-rate groups."""
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
         rest = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" not in n]
         return lora, rest + list(self.projector.parameters())
-
-
-@dataclass
-class Reading:
-    """What the model read in one picture."""
-
-    dsl: str  # the canonical DSL text (the raw output where it does not parse: never with grammar decoding)
-    valid: bool  # the text parses as a diagram
-    confidence: float  # the lowest probability the model gave to a token it chose
-    # Render and compare, for a DSL that has it (diagram: share of quadrants where the picture has
-    # ink exactly where the DSL draws an element); None for one without.
-    agreement: float | None
-
-
-def load_base_models(config: ModelConfig, dtype, load_in_4bit: bool = False, identity: dict | None = None):
-    """(vision encoder, LLM with the new tokens, tokenizer, the LLM's fingerprint): what build
-    and from_pretrained both start from. Given a checkpoint's `identity` (base_models.json),
-    each base model is checked against it, and one that cannot be loaded or differs is a
-    CheckpointError saying which."""
-    try:
-        vision = VisionEncoder(config)
-    except (OSError, RuntimeError, ValueError) as error:
-        if identity is None:
-            raise
-        raise CheckpointError(f"cannot load the CLIP this checkpoint was trained with "
-                              f"({config.clip_model} / {config.clip_pretrained}): {error}") from None
-    check_same_models(config, identity or {}, vision.identity())
-    try:
-        llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit,
-                                                 languages.load(config.dsl).tokens)
-    except (OSError, ValueError) as error:
-        if identity is None:
-            raise
-        raise CheckpointError(f"cannot load the base LLM {config.llm!r} of this checkpoint: {error}") from None
-    base = fingerprint([llm.get_input_embeddings().weight])
-    check_same_models(config, identity or {}, {"llm_hidden_size": llm.config.hidden_size,
-                                               "vocab_size": len(tokenizer), "llm_fingerprint": base})
-    return vision, llm, tokenizer, base
-
-
-def read_json(path: Path) -> dict:
-    """A checkpoint's JSON file, or a CheckpointError naming it."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
-
-
-def check_same_models(config: ModelConfig, saved: dict, actual: dict):
-    """Compare the facts a checkpoint recorded about its base models with the ones loaded now."""
-    for key, value in actual.items():
-        if key not in saved:
-            continue  # a fact this checkpoint did not record
-        expected = saved[key]
-        # Checksums: loose enough for the same weights in another precision (bf16 vs fp32).
-        same = (abs(expected - value) <= 1e-4 * abs(expected) if isinstance(value, float) else expected == value)
-        if not same:
-            source = (f"CLIP {config.clip_model} / {config.clip_pretrained}" if key in ("clip_fingerprint", "feature_shape")
-                      else f"the LLM {config.llm}")
-            raise CheckpointError(f"this checkpoint was made for another base model: its {IDENTITY_NAMES[key]} is "
-                                  f"{expected}, but {source} as loaded here has {value}")
 
 
 def picture_head(language: languages.Language) -> tuple[int, int] | None:

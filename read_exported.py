@@ -46,16 +46,12 @@ class Reader:
         self.grammar = self.decoding.Grammar.from_file(self.folder / config["grammar"]) if config["grammar"] else None
 
     def image_tokens(self, pictures: list[Image.Image]) -> torch.Tensor:
-        """Pictures -> image tokens [B, T, hidden]: one block's patch tokens, k x k neighbours merged, projected."""
+        """Pictures -> image tokens [B, T, hidden]: one block's patch tokens (or the pooled embedding), projected."""
         pixels = torch.stack([self.preprocess(picture) for picture in pictures]).to(self.device)
         if self.config["image_features"] == "pooled":  # the single CLIP embedding
-            return project(self.visual(pixels)[:, None].float(), self.projector).to(self.llm.dtype)
+            return project(self.visual(pixels)[:, None].float(), self.projector, 1).to(self.llm.dtype)
         out = self.visual.forward_intermediates(pixels, indices=[self.config["clip_layer"]], stop_early=True, intermediates_only=True, output_fmt="NLC")
-        x = out["image_intermediates"][0]
-        b, n, width = x.shape
-        g, k = int(n ** 0.5), self.config["patch_merge"]
-        x = x.view(b, g // k, k, g // k, k, width).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * width)
-        return project(x.float(), self.projector).to(self.llm.dtype)
+        return project(out["image_intermediates"][0].float(), self.projector, self.config["patch_merge"]).to(self.llm.dtype)
 
     @torch.no_grad()
     def read(self, pictures: list[Image.Image]) -> list[str]:
@@ -93,8 +89,16 @@ class Reader:
         return self.dsl.from_target(text) if hasattr(self.dsl, "from_target") else text
 
 
-def project(x: torch.Tensor, projector) -> torch.Tensor:
-    """The projector: merged patch features [..., T, D] -> LLM input embeddings [..., T, hidden]."""
+def merge_patches(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, g * g, D] patch tokens, row by row -> [B, (g / k)^2, k * k * D]: each k x k block of neighbours as one token."""
+    b, n, width = x.shape
+    g = int(n ** 0.5)
+    return x.view(b, g // k, k, g // k, k, width).transpose(2, 3).reshape(b, (g // k) ** 2, k * k * width)
+
+
+def project(x: torch.Tensor, projector, patch_merge: int) -> torch.Tensor:
+    """The projector: patch features [B, g * g, D] -> LLM input embeddings [B, T, hidden], k x k patches a token."""
+    x = merge_patches(x, patch_merge)
     x = ((x - projector["feature_mean"]) / projector["feature_std"]).unflatten(-1, (-1, projector["norm.weight"].shape[0]))
     x = F.layer_norm(x, x.shape[-1:], projector["norm.weight"], projector["norm.bias"])  # per CLIP patch
     if "patch.weight" in projector:  # patch_mlp: one map for every patch, then two layers with GELUs

@@ -18,7 +18,7 @@ from PIL import Image
 
 import data
 import files
-from model import CheckpointError
+from checkpoint import CheckpointError
 
 
 class LogFile:
@@ -44,17 +44,19 @@ class LogFile:
 
 
 class RunLog:
-    def __init__(self, output_dir: Path, config: dict, project: str, mode: str, run_id: str | None,
-                 is_main_process: bool, resume_step: int = 0):
+    def __init__(self, training, settings: dict, run_id: str | None, is_main_process: bool, resume_step: int = 0):
+        """training: finetune.TrainConfig (output_dir, wandb_project, wandb_mode); settings: every
+        setting of the run, for W&B; run_id: the W&B run a resumed run continues."""
+        output_dir = Path(training.output_dir)
         self.output_dir, self.is_main = output_dir, is_main_process
         self.file = LogFile(output_dir / "log.jsonl")
         if is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             self.file.keep_until(resume_step)
-        self.mode = _wandb_mode(mode) if is_main_process else "disabled"
+        self.mode = _wandb_mode(training.wandb_mode) if is_main_process else "disabled"
         import wandb
 
-        self.run = wandb.init(project=project, config=config, mode=self.mode, dir=str(output_dir),
+        self.run = wandb.init(project=training.wandb_project, config=settings, mode=self.mode, dir=str(output_dir),
                               id=run_id, resume="allow" if run_id else None)
 
     @property

@@ -29,7 +29,7 @@ def smollm2_tokenizer_dir(tmp_path_factory):
 
     import language_model
 
-    tokenizer = AutoTokenizer.from_pretrained(language_model.find(language_model.SMOLLM2)[0])
+    tokenizer = AutoTokenizer.from_pretrained(language_model.find(language_model.SMOLLM2))
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
     tokenizer.save_pretrained(folder)
     return folder

@@ -30,7 +30,7 @@ from PIL import Image
 
 import dsl
 import languages
-import model
+import renderer
 from conftest import ROOT
 from test_finetune import run_script, tiny_args
 
@@ -197,17 +197,18 @@ def test_a_full_disk_is_one_line_and_status_1_and_leaves_nothing(trained_run, ti
 
 
 class FixedReader:
-    """A stand-in for DiagramReader that reads every picture the same way."""
+    """A stand-in for DiagramReader that reads every picture as one large circle, top left, at
+    one confidence; the agreement is inference.read's own, of that reading and the picture."""
 
     language = languages.load("diagram")
+    dsl = "<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\n"
 
-    def __init__(self, confidence, agreement):
-        self.reading = model.Reading("<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\n", True,
-                                     confidence, agreement)
+    def __init__(self, confidence):
+        self.confidence = confidence
 
-    def read_images(self, pictures):
+    def read_pictures(self, pictures, batch_size, constrained, progress):
         assert all(isinstance(p, Image.Image) and p.mode == "RGB" for p in pictures)
-        return [self.reading for _ in pictures]
+        return [self.dsl] * len(pictures), [self.confidence] * len(pictures)
 
 
 def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_path):
@@ -216,7 +217,8 @@ def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_p
     (tmp_path / "notes.png").write_text("not a picture")
     Image.new("RGB", (1, 1), "white").save(tmp_path / "dot.png")
     Image.new("RGB", (64, 64), "white").save(tmp_path / "blank.png")
-    reader = FixedReader(0.95, 1.0)
+    renderer.render(dsl.parse(FixedReader.dsl)).save(tmp_path / "circle.png")  # what the stand-in reads
+    reader = FixedReader(0.95)
     for picture, message in [(str(tmp_path / "notes.png"), "Cannot read this file**: not an image."),
                              (str(tmp_path / "dot.png"), "Cannot read this file**: too small to read (1 x 1"),
                              (str(tmp_path / "missing.png"), "Cannot read this file**: no such file."),
@@ -225,10 +227,12 @@ def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_p
         text, beside, confidence, agreement, verdict = app.read(reader, 0.9, picture)
         assert message in verdict and "\n" not in verdict and (text, beside, confidence) == ("", None, None)
 
-    text, beside, confidence, agreement, verdict = app.read(reader, 0.9, str(tmp_path / "blank.png"))
-    assert text == reader.reading.dsl.rstrip() and beside.size == (448, 224) and verdict.startswith("**Confident**")
-    assert app.read(FixedReader(0.5, 1.0), 0.9, str(tmp_path / "blank.png"))[-1].startswith("**Doubtful**: confidence 0.500")
-    assert "agreement 0.75" in app.read(FixedReader(0.99, 0.75), 0.9, str(tmp_path / "blank.png"))[-1]
+    text, beside, confidence, agreement, verdict = app.read(reader, 0.9, str(tmp_path / "circle.png"))
+    assert text == FixedReader.dsl.rstrip() and beside.size == (448, 224) and agreement == 1.0
+    assert verdict == "**Confident**, and the ink agrees."
+    assert app.read(FixedReader(0.5), 0.9, str(tmp_path / "circle.png"))[-1].startswith("**Doubtful**: confidence 0.500")
+    # A blank picture: the three empty quadrants agree with the reading, the top left does not.
+    assert "agreement 0.75" in app.read(FixedReader(0.99), 0.9, str(tmp_path / "blank.png"))[-1]
     # An empty sketchpad is nothing drawn; a stroke on its transparent layer is a drawing, on white.
     empty = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     assert app.drawing({"composite": empty}) is None and app.drawing(None) is None

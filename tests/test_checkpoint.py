@@ -144,7 +144,7 @@ class Smuggled:
 def test_a_training_state_that_smuggles_code_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"optimizer": {}, "rng": Smuggled(marker)}, tmp_path / "training_state.pt")
-    with pytest.raises(model.CheckpointError, match="refused: it holds io.open, and loading that could run code"):
+    with pytest.raises(checkpoint.CheckpointError, match="refused: it holds io.open, and loading that could run code"):
         checkpoint.load_training_state(tmp_path)
     assert not marker.exists()
     torch.load(tmp_path / "training_state.pt", weights_only=False)  # what the refusal prevents
@@ -153,7 +153,7 @@ def test_a_training_state_that_smuggles_code_is_refused_and_never_run(tmp_path):
 
 def test_a_training_state_of_an_older_save_is_refused_saying_why(tmp_path):
     torch.save({"rng": {"numpy": np.random.get_state()}}, tmp_path / "training_state.pt")  # numpy arrays
-    with pytest.raises(model.CheckpointError) as refused:
+    with pytest.raises(checkpoint.CheckpointError) as refused:
         checkpoint.load_training_state(tmp_path)
     message = str(refused.value)
     assert "numpy" in message and "start a new --output_dir" in message and "\n" not in message
@@ -171,7 +171,7 @@ def test_resume_refuses_another_split_of_the_data(change, named, saved_run, read
     else:
         (tmp_path / "data.csv").write_text(data_csv.read_text() + data_csv.read_text().splitlines()[1] + "\n")
         here = {**checkpoint.data_identity(tmp_path / "data.csv", seed=0), "data_csv": data["data_csv"]}
-    with pytest.raises(model.CheckpointError) as refused:
+    with pytest.raises(checkpoint.CheckpointError) as refused:
         checkpoint.resume_point(str(template), "auto", reader.config, here)
     message = str(refused.value)
     assert f"{named}: " in message and "another split of the data" in message

@@ -18,6 +18,7 @@ import data
 import dsl
 import export
 import files
+import inference
 import languages
 import model
 import read_exported
@@ -222,7 +223,7 @@ def test_a_killed_export_leaves_the_whole_export_or_nothing(exported, tiny_datas
     the whole export or absent (a hidden temporary folder aside), and exporting again works."""
     run_dir, whole = exported
     folder = checkpoint.find(run_dir)[0]
-    reader = DiagramReader.from_pretrained(folder, merge=True)
+    reader = DiagramReader.from_pretrained(folder, merge_adapter=True)
     state = checkpoint.read_state(folder)
     args = export.Arguments(eval_csv=str(tiny_dataset / "test.csv"))
     rows = data.read_dataset(args.eval_csv)[0]
@@ -284,7 +285,7 @@ def test_push_to_hub_says_whether_the_repository_is_private(private, tmp_path, m
 
 
 def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_dataset):
-    """The README's three lines: from_pretrained on the run's best pointer, then read_images."""
+    """From Python: from_pretrained on the run's best pointer, then inference.read."""
     run_dir, _ = exported
     predictions = run_dir / "predictions.csv"
     result = run_script("inference.py", "--checkpoint", str(run_dir), "--dtype", "float32", "--csv",
@@ -292,9 +293,9 @@ def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_datas
     assert result.returncode == 0, result.stderr[-2000:]
     with open(predictions, newline="") as f:
         expected = [(row["dsl"], row["confidence"], row["agreement"]) for row in csv.DictReader(f)]
-    reader = DiagramReader.from_pretrained(run_dir / "best", merge=True)
-    readings = reader.read_images([row.image_path for row in data.read_dataset(tiny_dataset / "test.csv")[0]],
-                                  batch_size=64)  # inference.py's batch: the same padding, the same numbers
+    reader = DiagramReader.from_pretrained(run_dir / "best", merge_adapter=True)
+    readings = inference.read(reader, [row.image_path for row in data.read_dataset(tiny_dataset / "test.csv")[0]],
+                              batch_size=64)  # inference.py's batch: the same padding, the same numbers
     assert [(r.dsl, f"{r.confidence:.4f}", f"{r.agreement:.2f}") for r in readings] == expected
 
 
@@ -302,11 +303,11 @@ def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_datas
 def test_read_py_projects_as_the_projector_does(kind):
     """read.py's own projector arithmetic against model.Projector, for every kind."""
     torch.manual_seed(0)
-    projector = model.Projector(kind, (4, 4 * 32), 24, head=(2, 10), positions=True, patches_per_token=4)
+    projector = model.Projector(kind, (16, 32), 24, head=(2, 10), positions=True, patch_merge=2)
     for parameter in projector.parameters():
         torch.nn.init.normal_(parameter)  # positions and the norm start at 0 and 1: make them count
-    projector.set_feature_statistics(torch.randn(16, 4, 4 * 32))
-    features = torch.randn(4, 4 * 32)
+    projector.set_feature_statistics(torch.randn(16, 16, 32))
+    features = torch.randn(3, 16, 32)  # the encoder's: a 4 x 4 grid of patches, merged 2 x 2 by both
     weights = {k: v for k, v in projector.state_dict().items() if not k.startswith("quadrant_head")}
     with torch.no_grad():
-        assert torch.allclose(read_exported.project(features, weights), projector(features[None])[0], atol=1e-5)
+        assert torch.allclose(read_exported.project(features, weights, 2), projector(features), atol=1e-5)

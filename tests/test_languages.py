@@ -155,11 +155,11 @@ def test_mermaid_s_picture_loss_names_the_nodes_a_picture_shows(tiny_llm, tiny_c
     texts = [mermaid.text_of(mermaid.sample(rng)) for _ in range(2)]
     features = torch.randn(2, 1, *reader.vision.feature_shape)
     batch = reader.collate(features, [[], []], texts)
-    shown = batch["quadrants"]
+    shown = batch["picture_labels"]
     assert shown.shape == (2, mermaid.CONTENT_CLASSES)
     assert shown.sum(1).tolist() == [len(mermaid.parse(t).nodes) for t in texts]  # one class a node
     loss = reader(**batch)
     loss.backward()
     assert torch.isfinite(loss) and reader.projector.quadrant_head.weight.grad.abs().sum() > 0
-    without = dict(batch, quadrants=None)
+    without = dict(batch, picture_labels=None)
     assert reader(**without) < loss  # the picture loss adds to the DSL's

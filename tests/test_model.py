@@ -10,6 +10,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
+import checkpoint
 import dsl
 import language_model
 import model
@@ -34,27 +35,31 @@ def reader(tiny_llm, tiny_clip):
 
 
 def test_patch_merge_concatenates_neighbouring_patches(tiny_llm, tiny_clip):
-    plain = model.VisionEncoder(tiny_config(tiny_llm, tiny_clip))
-    merged = model.VisionEncoder(tiny_config(tiny_llm, tiny_clip, patch_merge=2))
-    assert merged.feature_shape == (4, 4 * 64)
-    pixels = torch.rand(2, 3, 64, 64)
-    tokens, blocks = plain(pixels), merged(pixels)  # tokens: a 4 x 4 grid, row by row
+    tokens = model.VisionEncoder(tiny_config(tiny_llm, tiny_clip))(torch.rand(2, 3, 64, 64))  # a 4 x 4 grid, by rows
+    blocks = model.merge_patches(tokens, 2)
+    assert blocks.shape == (2, 4, 4 * 64)
     top_left = torch.cat([tokens[:, 0], tokens[:, 1], tokens[:, 4], tokens[:, 5]], dim=-1)
     bottom_right = torch.cat([tokens[:, 10], tokens[:, 11], tokens[:, 14], tokens[:, 15]], dim=-1)
     assert torch.equal(blocks[:, 0], top_left) and torch.equal(blocks[:, 3], bottom_right)
+    assert torch.equal(model.merge_patches(tokens[:, None], 2)[:, 0], blocks)  # [B, images, T, D] alike
+    # The projector merges: it takes the encoder's features and gives one token per block.
+    projector = model.Projector("patch_mlp", (16, 64), 24, patch_merge=2)
+    assert projector.feature_mean.shape == (4, 4 * 64) and projector(tokens).shape == (2, 4, 24)
     with pytest.raises(ValueError, match="does not divide"):
-        model.VisionEncoder(tiny_config(tiny_llm, tiny_clip, patch_merge=3))
+        model.Projector("patch_mlp", (16, 64), 24, patch_merge=3)
+    with pytest.raises(ValueError, match="does not divide"):  # said when the settings are read
+        tiny_config(tiny_llm, tiny_clip, patch_merge=3)
 
 
 def test_patch_mlp_maps_every_patch_of_a_token_alike():
     """One shared map: a patch's code depends on its features, not on where it sits in the token."""
     torch.manual_seed(0)
-    projector = model.Projector("patch_mlp", (4, 4 * 32), 24, patches_per_token=4)
+    projector = model.Projector("patch_mlp", (16, 32), 24, patch_merge=2)
     features = torch.randn(1, 4, 4, 32)
     features[0, 2, 3] = features[0, 1, 0]  # one patch's features, at another token and place
     codes = projector.patch(projector.norm(features))
     assert torch.equal(codes[0, 2, 3], codes[0, 1, 0])
-    assert projector.patch.in_features == 32 and projector(features.flatten(2)).shape == (1, 4, 24)
+    assert projector.patch.in_features == 32 and projector(torch.randn(1, 16, 32)).shape == (1, 4, 24)
 
 
 def test_new_tokens_are_single_tokens(reader):
@@ -115,17 +120,17 @@ QUADRANT_TOKENS = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 def reference_loss(reader, batch):
     """The loss the plain way: logits everywhere, shifted labels; each quadrant's class read
     by the head from the mean of its tokens, picked out by index."""
-    embeddings = reader.embed(batch["input_ids"], reader.projector(batch["images"]))
+    embeddings = reader.embed(batch["input_ids"], reader.projector(batch["features"]))
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = reader.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], position_ids=positions).logits
     labels = batch["labels"][:, 1:].flatten()
     total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=model.IGNORE,
                                               reduction="sum")
-    tokens = reader.projector(batch["images"][:, -1])
+    tokens = reader.projector(batch["features"][:, -1])
     for q, indices in enumerate(QUADRANT_TOKENS):
         quadrant_logits = reader.projector.quadrant_head(tokens[:, indices].mean(dim=1))
         total = total + reader.config.quadrant_loss * torch.nn.functional.cross_entropy(
-            quadrant_logits, batch["quadrants"][:, q], reduction="sum")
+            quadrant_logits, batch["picture_labels"][:, q], reduction="sum")
     return total / (labels != model.IGNORE).sum()
 
 
@@ -133,7 +138,7 @@ def test_loss_on_kept_logits_equals_the_full_loss_and_ignores_padding(reader):
     texts = diagram_texts(8, seed=1)
     images = torch.randn(4, 2, T, 64)
     batch = reader.collate(images, [[t] for t in texts[:4]], texts[4:])
-    assert batch["quadrants"].tolist() == [dsl.quadrant_classes(dsl.parse(t)) for t in texts[4:]]
+    assert batch["picture_labels"].tolist() == [dsl.quadrant_classes(dsl.parse(t)) for t in texts[4:]]
     with torch.no_grad():
         loss = reader(**batch)
         assert torch.allclose(loss, reference_loss(reader, batch), atol=1e-5)
@@ -153,11 +158,11 @@ def test_eager_attention_on_a_cpu_gives_the_fused_kernels_loss_and_generation(re
     batch = reader.collate(images, [[t] for t in texts[:3]], texts[3:])  # rows of different lengths: padded
     with torch.no_grad():
         fused = reader.use_attention_for(torch.device("cuda"))(**batch)  # "sdpa": only the choice, no GPU needed
-        fused_reading = reader.read(images[:, 1])
+        fused_reading = reader.read_features(images[:, 1])
         eager = reader.use_attention_for(torch.device("cpu"))(**batch)
     assert reader.llm.config._attn_implementation == "eager"
     assert torch.allclose(fused, eager, atol=1e-5)
-    texts, confidences = reader.read(images[:, 1])
+    texts, confidences = reader.read_features(images[:, 1])
     assert texts == fused_reading[0] and confidences == pytest.approx(fused_reading[1], rel=1e-4)
 
 
@@ -205,7 +210,7 @@ def test_save_and_load_give_identical_outputs(tmp_path, tiny_llm, tiny_llm_untie
     with torch.no_grad():
         assert torch.allclose(reader(**batch), loaded(**batch), atol=1e-6)
     assert reader.generate(images, [[t] for t in texts[:3]]) == loaded.generate(images, [[t] for t in texts[:3]])
-    assert reader.read(images[:, 1]) == loaded.read(images[:, 1])  # with the saved example in the prompt
+    assert reader.read_features(images[:, 1]) == loaded.read_features(images[:, 1])  # with the saved example in the prompt
 
 
 def test_adapter_folder_loads_with_plain_peft_onto_a_resized_base(tmp_path, tiny_llm_untied, tiny_clip):
@@ -244,22 +249,22 @@ def test_checkpoint_for_another_model_is_refused(tmp_path, tiny_llm, tiny_llm_un
     facts = json.loads((tmp_path / "base_models.json").read_text())
     saved["clip_seed"] = 1  # other random CLIP weights than the ones it was trained on
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(model.CheckpointError, match="CLIP weights"):
+    with pytest.raises(checkpoint.CheckpointError, match="CLIP weights"):
         model.DiagramReader.from_pretrained(tmp_path)
     saved["clip_seed"] = 0
     facts["llm_hidden_size"] = 4096
     (tmp_path / "config.json").write_text(json.dumps(saved))
     (tmp_path / "base_models.json").write_text(json.dumps(facts))
-    with pytest.raises(model.CheckpointError, match="LLM hidden size is 4096"):
+    with pytest.raises(checkpoint.CheckpointError, match="LLM hidden size is 4096"):
         model.DiagramReader.from_pretrained(tmp_path)
     facts["llm_hidden_size"] = 64
     (tmp_path / "base_models.json").write_text(json.dumps(facts))
-    with pytest.raises(model.CheckpointError, match="LLM weights"):  # same shapes, other weights
+    with pytest.raises(checkpoint.CheckpointError, match="LLM weights"):  # same shapes, other weights
         model.DiagramReader.from_pretrained(tmp_path, llm_name=tiny_llm_untied)
-    with pytest.raises(model.CheckpointError, match="cannot load the base LLM"):
+    with pytest.raises(checkpoint.CheckpointError, match="cannot load the base LLM"):
         model.DiagramReader.from_pretrained(tmp_path, llm_name=str(tmp_path / "no-such-model"))
     (tmp_path / "projector.safetensors").unlink()
-    with pytest.raises(model.CheckpointError, match="missing projector.safetensors"):
+    with pytest.raises(checkpoint.CheckpointError, match="missing projector.safetensors"):
         model.DiagramReader.from_pretrained(tmp_path)
 
 
@@ -272,7 +277,7 @@ def test_without_the_quadrant_loss_there_is_no_head_and_the_loss_is_the_dsl_alon
     texts = diagram_texts(4, seed=2)
     images = torch.randn(2, 1, T, 64)
     batch = without.collate(images, [[], []], texts[:2])
-    assert "quadrants" not in batch
+    assert "picture_labels" not in batch
     with torch.no_grad():
         dsl_loss = without(**batch)
         assert torch.allclose(dsl_loss, with_head(**batch), atol=1e-6)  # the same weights, no quadrant labels
@@ -283,7 +288,7 @@ def test_without_the_quadrant_loss_there_is_no_head_and_the_loss_is_the_dsl_alon
     config_file = tmp_path / "config.json"
     config_file.write_text(config_file.read_text().replace('"quadrant_loss": 0.0', '"quadrant_loss": 3.0'))
     loaded = model.DiagramReader.from_pretrained(tmp_path, trainable=True)
-    assert loaded.projector.quadrant_head is None and "quadrants" not in loaded.collate(images, [[], []], texts[:2])
+    assert loaded.projector.quadrant_head is None and "picture_labels" not in loaded.collate(images, [[], []], texts[:2])
 
 
 def test_the_quadrant_loss_needs_a_grid_of_image_tokens(tiny_llm, tiny_clip):
@@ -301,8 +306,8 @@ def test_constrained_decoding_writes_valid_dsl_even_untrained_and_on_noise(tiny_
     torch.manual_seed(0)
     reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip))  # untrained
     features = reader.vision.encode(noise_images(6))
-    texts, confidences = reader.read(features, batch_size=4)
+    texts, confidences = reader.read_features(features, batch_size=4)
     assert [dsl.is_valid(t) for t in texts] == [True] * 6
     assert all(0 < c <= 1 for c in confidences)
-    free, _ = reader.read(features, batch_size=4, constrained=False)
+    free, _ = reader.read_features(features, batch_size=4, constrained=False)
     assert not all(dsl.is_valid(t) for t in free)  # without the grammar an untrained model writes anything

@@ -47,7 +47,7 @@ def test_memorises_four_diagrams(tiny_llm_for_learning, tiny_clip):
     noise = torch.Generator().manual_seed(0)
     noise_images = [Image.fromarray((torch.rand(64, 64, 3, generator=noise) * 255).byte().numpy())
                     for _ in range(4)]
-    texts, _ = reader.read(vision.encode(noise_images))
+    texts, _ = reader.read_features(vision.encode(noise_images))
     assert all(dsl.is_valid(t) for t in texts)
 
     unchanged = [p.shape for p in lora + rest if torch.equal(before[id(p)], p.detach())]

@@ -94,7 +94,7 @@ def test_mangled_command_lines_never_escape_as_a_traceback(parser_index, argv):
 
 def test_two_runs_cannot_share_an_output_dir_and_a_dead_one_does_not_block(tmp_path):
     first = checkpoint.hold(tmp_path)
-    with pytest.raises(model.CheckpointError, match=f"in use by another training run \\(pid {os.getpid()}\\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"in use by another training run \\(pid {os.getpid()}\\)"):
         checkpoint.hold(tmp_path)
     first.close()
     checkpoint.hold(tmp_path).close()  # released: the next run takes it
@@ -104,7 +104,7 @@ def test_two_runs_cannot_share_an_output_dir_and_a_dead_one_does_not_block(tmp_p
                                f"lock = checkpoint.hold({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(model.CheckpointError, match=f"pid {holder.pid}"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"pid {holder.pid}"):
         checkpoint.hold(tmp_path)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()

@@ -31,14 +31,14 @@ def test_the_cached_folder_holds_exactly_the_gguf_files_weights_and_tokenizer(sm
 
     path = language_model.smollm2_path()
     direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    cached = AutoModelForCausalLM.from_pretrained(language_model.find(language_model.SMOLLM2)[0], dtype=torch.float32)
+    cached = AutoModelForCausalLM.from_pretrained(language_model.find(language_model.SMOLLM2), dtype=torch.float32)
     direct_weights, cached_weights = direct.state_dict(), cached.state_dict()
     assert direct_weights.keys() == cached_weights.keys()
     for name in direct_weights:
         assert torch.equal(direct_weights[name], cached_weights[name]), name
     text = "Read the diagram.\n<|im_start|>user  x"
     direct_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    cached_tokenizer = AutoTokenizer.from_pretrained(language_model.find(language_model.SMOLLM2)[0])
+    cached_tokenizer = AutoTokenizer.from_pretrained(language_model.find(language_model.SMOLLM2))
     assert direct_tokenizer(text).input_ids == cached_tokenizer(text).input_ids
     assert len(direct_tokenizer) == len(cached_tokenizer) and direct_tokenizer.chat_template == cached_tokenizer.chat_template
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import dsl
 import finetune
@@ -49,8 +48,8 @@ class BenchmarkConfig:
 def random_batch(reader: DiagramReader, batch_size: int, rng: random.Random, device) -> dict:
     n_images = reader.config.num_shots + 1
     texts = [[dsl.to_text(dsl.sample_diagram(rng)) for _ in range(n_images)] for _ in range(batch_size)]
-    images = torch.randn(batch_size, n_images, *reader.vision.feature_shape)
-    batch = reader.collate(images, [t[:-1] for t in texts], [t[-1] for t in texts])
+    features = torch.randn(batch_size, n_images, *reader.vision.feature_shape)
+    batch = reader.collate(features, [t[:-1] for t in texts], [t[-1] for t in texts])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -62,8 +61,8 @@ class UsualForward(torch.nn.Module):
         super().__init__()
         self.reader = reader
 
-    def forward(self, input_ids, attention_mask, labels, images, quadrants=None):
-        embeddings = self.reader.embed(input_ids, self.reader.projector(images))
+    def forward(self, input_ids, attention_mask, labels, features, picture_labels=None):
+        embeddings = self.reader.embed(input_ids, self.reader.projector(features))
         return {"loss": self.reader.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels).loss}
 
 
@@ -85,7 +84,7 @@ def trainer_step_seconds(reader: DiagramReader, batches: list[dict], training, d
             self.seconds.append(time.perf_counter() - self.started)
 
     # Each picture's row without its padding; the collator pads a batch again, on the left as ours does.
-    samples = [{k: v[i][-int(batch["attention_mask"][i].sum()):] if v.dim() == 2 and k != "quadrants" else v[i]
+    samples = [{k: v[i][-int(batch["attention_mask"][i].sum()):] if v.dim() == 2 and k != "picture_labels" else v[i]
                 for k, v in batch.items()} for batch in batches for i in range(len(batch["input_ids"]))]
     padding = {"input_ids": reader.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE}
 
@@ -116,17 +115,17 @@ def main(argv: list[str]) -> dict:
     device = accelerator.device
     reader = finetune.load_model(config, training, dtype)
     optimizer, scheduler = finetune.make_optimizer(reader, training, total_steps=bench.steps + 1)
-    model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
+    prepared, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
+    run = finetune.Run(training, accelerator, reader, prepared, optimizer, scheduler, log=None,
+                       cost=finetune.RunCost(), started=time.time(), steps_per_epoch=bench.steps + 1)
     rng = random.Random(0)
 
     def step():
-        return finetune.train_step(model, [random_batch(reader, training.batch_size, rng, device)], optimizer,
-                                   scheduler, accelerator, training.grad_clip)[1]
+        return finetune.train_step(run, [random_batch(reader, training.batch_size, rng, device)])[1]
 
     batch = random_batch(reader, training.batch_size, rng, device)
-    with FlopCounterMode(display=False) as counter:  # the warm-up step, counted
-        finetune.train_step(model, [batch], optimizer, scheduler, accelerator, training.grad_clip)
-    step_flops = counter.get_total_flops()
+    finetune.train_step(run, [batch])  # the warm-up step, counted
+    step_flops = run.cost.train_flops
     tokens = int(batch["attention_mask"].sum())
     hardware.reset_peak_memory(device)
     seconds = sorted(step() for _ in range(bench.steps))
@@ -134,7 +133,7 @@ def main(argv: list[str]) -> dict:
 
     # Validation's loss is a forward pass without gradients: it should cost about a third of
     # a step (a slow path under no_grad once made it cost more than a whole step).
-    batch.pop("quadrants", None)
+    batch.pop("picture_labels", None)
     with torch.no_grad(), accelerator.autocast():
         reader(**batch)
         started = time.perf_counter()
@@ -151,12 +150,12 @@ def main(argv: list[str]) -> dict:
     reader.eval()
     features = torch.randn(bench.generate_images, *reader.vision.feature_shape)
     with accelerator.autocast():
-        reader.read(features[:2], batch_size=2)  # warm-up
+        reader.read_features(features[:2], batch_size=2)  # warm-up
         started = time.perf_counter()
-        reader.read(features, batch_size=1)
+        reader.read_features(features, batch_size=1)
         batch1 = bench.generate_images / (time.perf_counter() - started)
         started = time.perf_counter()
-        reader.read(features, batch_size=32)
+        reader.read_features(features, batch_size=32)
         batch32 = bench.generate_images / (time.perf_counter() - started)
 
     achieved = step_flops / step_seconds / 1e9

@@ -43,20 +43,21 @@ def check(argv: list[str]) -> str:
     print(f"loaded CLIP {config.clip_model} ({config.clip_pretrained}) and LLM {config.llm} in "
           f"{time.perf_counter() - started:.0f} s; image features {tuple(reader.vision.feature_shape)}")
     optimizer, scheduler = finetune.make_optimizer(reader, training, total_steps=10)
-    model, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
+    prepared, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
+    run = finetune.Run(training, accelerator, reader, prepared, optimizer, scheduler, log=None,
+                       cost=finetune.RunCost(), started=time.time(), steps_per_epoch=10)
     rng = random.Random(0)
     hardware.reset_peak_memory(device)
     seconds = []
     for _ in range(3):  # the first step warms up; the last two are timed
-        loss, step_seconds = finetune.train_step(model, [benchmark.random_batch(reader, training.batch_size, rng, device)],
-                                                 optimizer, scheduler, accelerator, training.grad_clip)
+        loss, step_seconds = finetune.train_step(run, [benchmark.random_batch(reader, training.batch_size, rng, device)])
         seconds.append(step_seconds)
     step_seconds = min(seconds[1:])
     print(f"training step: batch {training.batch_size}, loss {loss:.3f}, {step_seconds:.2f} s; peak memory "
           f"{'allocated' if device.type == 'cuda' else 'of the process (RSS)'} {hardware.peak_memory_gib(device):.2f} GiB")
     with accelerator.autocast():
         started = time.perf_counter()
-        texts, _ = reader.read(torch.randn(4, *reader.vision.feature_shape), batch_size=4)
+        texts, _ = reader.read_features(torch.randn(4, *reader.vision.feature_shape), batch_size=4)
     print(f"generation: 4 images in {time.perf_counter() - started:.2f} s, e.g. {' '.join(texts[0].split())}")
 
     rows = count_rows(training.data_csv)

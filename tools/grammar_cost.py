@@ -54,7 +54,7 @@ def read_timed(reader, features, batch: int, constrained: bool) -> tuple[float, 
     """(wall seconds, seconds in the grammar, decoding steps) of reading `features`."""
     Timed.seconds, Timed.calls = 0.0, 0
     begin = time.perf_counter()
-    reader.read(features, batch, constrained)
+    reader.read_features(features, batch, constrained)
     return time.perf_counter() - begin, Timed.seconds, Timed.calls
 
 
@@ -65,7 +65,7 @@ def main(args: Arguments):
     print(f"{hardware.describe(torch.device('cpu'))}; DSL {reader.language.name}")
     rows = data.read_dataset(args.csv, language=reader.language)[0][:128]
     features = reader.vision.encode([row.image_path for row in rows])
-    reader.read(features[:8])  # warm: the grammar compiles once
+    reader.read_features(features[:8])  # warm: the grammar compiles once
     print("| batch | step with the grammar (ms) | in the grammar (ms) | share | step without (ms) |")
     print("| --- | --- | --- | --- | --- |")
     for batch, chunk in ((1, features[:args.batch1_pictures]), (128, features)):

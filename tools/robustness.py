@@ -21,7 +21,8 @@ import data
 import files
 import inference
 import settings
-from model import READ_BATCH, CheckpointError
+from checkpoint import CheckpointError
+from model import READ_BATCH
 from settings import setting
 
 
@@ -60,7 +61,7 @@ def main(args: Arguments) -> dict:
     results = {}
     for kind in damage.CHECKS:
         paths = write_damaged(rows, kind, Path(args.out_dir), args.seed)
-        predictions, _ = reader.read(reader.vision.encode(paths), args.batch_size)
+        predictions, _ = reader.read_pictures(paths, args.batch_size)
         scores = language.score(predictions, [row.dsl for row in rows])
         results[kind] = {k: v for k, v in scores.items() if k != "by_count"}
         own = "".join(f"  {k[:-3].replace('_', ' ')} F1 {v:.3f}" for k, v in scores.items() if k.endswith("_f1"))

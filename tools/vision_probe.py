@@ -68,11 +68,11 @@ def main(config, training, args: Arguments) -> dict:
     test_rows = data.read_dataset(args.test_csv, language=language)[0]
     reader = DiagramReader.build(config)
     accelerator = Accelerator(cpu=True)
-    train_features, val_features = finetune.encode_images(reader, train_rows, val_rows, accelerator)
-    reader.projector.set_feature_statistics(train_features)
-    finetune.warm_up_projector(reader, train_rows, train_features, training, finetune.RunCost(), accelerator)
-    results = {"training": score(reader, train_features, train_rows),
-               "validation": score(reader, val_features, val_rows)}
+    split = finetune.encode_images(reader, train_rows, val_rows, accelerator)
+    reader.projector.set_feature_statistics(split.train_features)
+    finetune.warm_up_projector(reader, split, training, finetune.RunCost(), accelerator)
+    results = {"training": score(reader, split.train_features, train_rows),
+               "validation": score(reader, split.val_features, val_rows)}
     pictures = [data.load_image(row.image_path) for row in test_rows]
     for kind in damage.CHECKS:  # the same damage as tools/robustness.py's
         damaged = [damage.check(kind, picture, training.seed, i) for i, picture in enumerate(pictures)]
