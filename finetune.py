@@ -64,7 +64,8 @@ class TrainConfig:
                                                   "batch_size x this x processes")
     projector_warmup_epochs: int = setting(10, "epochs the projector first trains alone on the quadrant loss: "
                                               "cheap, no LLM")
-    projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, batch 128, cosine)")
+    projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, cosine)")
+    projector_warmup_batch_size: int = setting(128, "pictures per step of that stage")
     lr: float = setting(1e-3, "peak learning rate of the LoRA adapters")
     projector_lr: float = setting(1e-3, "peak learning rate of the projector and the new token embeddings")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -85,7 +86,8 @@ class TrainConfig:
     def __post_init__(self):
         """Each setting's range, checked when the settings are parsed: before data or models load."""
         check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a share between 0 and 1")
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_samples"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_samples",
+                     "projector_warmup_batch_size"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints", "projector_warmup_epochs"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
