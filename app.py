@@ -33,8 +33,8 @@ class Arguments:
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
     doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence (or agreement below 1)")
     port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
-    host: str | None = setting(None, "the address to serve on (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; "
-                                     "0.0.0.0: every network interface)")
+    host: str | None = setting(None, "the address (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0: all "
+                                     "networks)")
     auth: str = setting("", "USER:PASSWORD: ask every visitor to log in (empty: no login)")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")

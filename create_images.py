@@ -48,19 +48,16 @@ GIVE_UP_DRAWS = 20_000  # draws in a row without a new held-out text before givi
 
 @dataclass
 class Arguments:
-    num_samples: int = setting(4444, "training pool images (data.csv): finetune.py holds 10% out for validation, "
-                                     "so 4,444 are 4,000 training pictures, 500 steps of 8")
+    num_samples: int = setting(4444, "training pool images (data.csv); 10% validate, so 4,444 train on 4,000")
     num_test: int = setting(200, "held-out images of unseen diagrams (test.csv)")
     out_dir: str = setting(".", "where images/, data.csv and test.csv go")
     seed: int = setting(0, "the same seed and settings give the same files, byte for byte")
     augment: bool = setting(True, "sample styles from the rendering envelope (docs/SPEC.md)")
-    size: int | None = setting(None, "image side in pixels (unset: the DSL's SIZE, else 224; the diagram DSL's is 224, "
-                                     "mermaid's 288)")
-    damage: float = setting(0.8, "share of the training images that also get ordinary damage (damage.py: shift, "
-                                 "zoom-out, rotation, blur, noise, JPEG), so that the model reads real pictures; "
+    size: int | None = setting(None, "image side in pixels (unset: the DSL's SIZE, else 224)")
+    damage: float = setting(0.8, "share of training images also damaged (damage.py), to read real pictures; "
                                  "test.csv stays clean")
-    dsl: str = setting("diagram", "the DSL whose data to draw: diagram, mermaid, or a plug-in (languages.py) with "
-                                  "sample, text_of, draw and held_out")
+    dsl: str = setting("diagram", "the DSL whose data to draw: diagram, mermaid, or a plug-in with a sampler "
+                                  "(docs/SPEC.md)")
 
     def __post_init__(self):
         if problem := check(self):

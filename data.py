@@ -2,7 +2,7 @@
 
 `read_dataset` checks the whole CSV first (columns, image files that decode, DSL that
 parses, duplicates) and reports every bad row at once, so that a typo in row 1,412
-fails in a second, not three minutes into training.
+fails at once, not minutes into training.
 """
 
 from __future__ import annotations

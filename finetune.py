@@ -51,23 +51,22 @@ class TrainConfig:
     val_fraction: float = setting(0.1, "share of data_csv held out for validation")
     skip_bad_rows: bool = setting(False, "train on the good rows of a CSV with bad ones, instead of stopping")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1, ...")
-    dtype: str = setting("auto", "the frozen LLM's weights: auto (the fastest safe one here, by measurement), "
-                                 "float32, bfloat16 or float16")
-    mixed_precision: str = setting("auto", "accelerate's autocast: auto (fp16 with a gradient scaler for float16 "
-                                           "weights, else no), no, fp16, bf16")
-    gradient_checkpointing: bool = setting(False, "recompute each layer's activations during the backward pass: "
-                                                  "less memory, about a third more time a step")
-    load_in_4bit: bool = setting(False, "QLoRA: the frozen LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA "
-                                        "only), computing in --dtype; the adapter also loads onto the full base")
+    dtype: str = setting("auto", "the frozen LLM's weights: auto (the fastest safe one here, timed), "
+                                 "float32, bfloat16, float16")
+    mixed_precision: str = setting("auto", "autocast: auto (fp16 and a gradient scaler for float16 weights, "
+                                           "else no), no, fp16, bf16")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                                  "more time a step")
+    load_in_4bit: bool = setting(False, "QLoRA: the frozen LLM's linear layers in 4-bit NF4, computing in "
+                                        "--dtype (CUDA only)")
     epochs: int = setting(1, "passes over the training images: varied images teach more than repeated ones")
     batch_size: int = setting(8, "images per micro-batch and process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step: the effective batch is "
                                                   "batch_size x this x processes")
-    projector_warmup_epochs: int = setting(10, "first, the projector alone learns the quadrant loss on the cached "
-                                              "features for this many epochs (no LLM: cheap), so that the LLM "
-                                              "starts from a projector that already sees (LLaVA's first stage); "
-                                              "none without that loss")
-    projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, batch 128, cosine)")
+    projector_warmup_epochs: int = setting(10, "epochs the projector first trains alone on the quadrant loss: "
+                                              "cheap, no LLM")
+    projector_warmup_lr: float = setting(2e-3, "peak learning rate of that stage (AdamW, cosine)")
+    projector_warmup_batch_size: int = setting(128, "pictures per step of that stage")
     lr: float = setting(1e-3, "peak learning rate of the LoRA adapters")
     projector_lr: float = setting(1e-3, "peak learning rate of the projector and the new token embeddings")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -78,17 +77,18 @@ class TrainConfig:
     eval_every: int = setting(250, "steps between validations (also at every epoch end); 0: epoch ends only")
     eval_samples: int = setting(256, "validation images read at those runs (the loss is over all at epoch ends)")
     save_every: int = setting(250, "steps between step checkpoints; 0: epoch checkpoints only")
-    keep_step_checkpoints: int = setting(2, "step checkpoints kept (the latest ones, and the best); with 0, a step "
-                                            "checkpoint stays only while it is the run's latest (a Ctrl-C's)")
+    keep_step_checkpoints: int = setting(2, "latest step checkpoints kept, besides the best (0: each until the "
+                                            "next save)")
     resume: str = setting("", "auto (output_dir's latest checkpoint, if any), a run folder or a checkpoint")
     wandb_project: str = setting("diagram-reader", "Weights & Biases project")
-    wandb_mode: str = setting("auto", "auto (WANDB_MODE if set, else online when logged in, offline when not), "
-                                      "online, offline, disabled")
+    wandb_mode: str = setting("auto", "auto (WANDB_MODE, else online if logged in, else offline), online, "
+                                      "offline, disabled")
 
     def __post_init__(self):
         """Each setting's range, checked when the settings are parsed: before data or models load."""
         check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a share between 0 and 1")
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_samples"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_samples",
+                     "projector_warmup_batch_size"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_step_checkpoints", "projector_warmup_epochs"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")

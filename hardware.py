@@ -1,9 +1,8 @@
 """What this machine is, and which precision is fast on it, by measurement.
 
-CPUs differ more than their names say: on an AMD EPYC with AVX2 only a bfloat16 matmul
-is emulated and runs ~90x slower than float32; on a CPU with AVX-512-BF16 or AMX it runs
-several times faster. So `--dtype auto` times one matmul of the model's own shape in each
-candidate precision at start-up and takes the fastest.
+CPUs differ more than their names say: without AVX-512-BF16 or AMX a bfloat16 matmul is
+emulated, far slower than float32; with them it is faster (docs/LOG.md). So `--dtype auto`
+times one matmul of the model's own shape in each precision at start-up and takes the fastest.
 """
 
 from __future__ import annotations

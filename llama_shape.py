@@ -97,9 +97,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def build(dtype: torch.dtype = torch.float32, layers: int = 0, seed: int = 0):
     """(the random-weight LLM, its tokenizer). Built at its layer count (never all 32 to cut
-    down), on the GPU when there is one (8B random numbers take seconds there, minutes on a
-    CPU); the same weights for the same arguments on the same device, so a checkpoint made
-    on it loads again."""
+    down), on the GPU when there is one (8B random numbers are drawn far faster there); the
+    same weights for the same arguments on the same device, so a checkpoint made on it loads
+    again."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.random.fork_rng(), torch.device(device):
         torch.manual_seed(seed)

@@ -54,34 +54,25 @@ class ModelConfig:
     """Everything it takes to rebuild the model: saved with every checkpoint as config.json.
     The defaults are the embedded CPU configuration; configs/llama3-8b.yaml is the reference one."""
 
-    dsl: str = setting("diagram", "the DSL the model writes: diagram, mermaid, text (free text), or a .py "
-                                  "file or module of your own (languages.py)")
+    dsl: str = setting("diagram", "the DSL the model writes: diagram, mermaid, text, or a plug-in's "
+                                  ".py file or module")
 
-    llm: str = setting(language_model.SMOLLM2, "the LLM: smollm2 (embedded SmolLM2-135M-Instruct), a hub id, "
-                                               "a local folder, a .gguf file, or llama3.1-8b-shape (Llama-3.1-8B's "
-                                               "shape and tokenizer, random weights: llama_shape.py)")
-    llm_layers: int = setting(0, "keep only the LLM's first N decoder layers (0: all); each layer kept costs "
-                                 "time and memory in every step")
+    llm: str = setting(language_model.SMOLLM2, "smollm2 (embedded), a hub id, a folder, a .gguf file, or "
+                                               "llama3.1-8b-shape (random weights)")
+    llm_layers: int = setting(0, "keep the LLM's first N decoder layers (0: all): each costs time and memory")
     clip_model: str = setting("ViT-B-32", "an open_clip architecture, or a .json file of one")
     clip_pretrained: str = setting("none", "open_clip weights (laion2b_s34b_b79k), a local file, or none: "
                                            "random weights (no hub here)")
     clip_seed: int = setting(0, "seeds the random CLIP weights when clip_pretrained is none")
     image_features: str = setting("patches", "patches: one block's patch tokens (LLaVA); pooled: the single "
                                              "CLIP embedding (1 token)")
-    clip_layer: int = setting(1, "the block whose patch tokens are read (-2: LLaVA's penultimate); with "
-                                 "random weights deeper blocks add cost, not information (probed)")
-    image_size: int = setting(256, "CLIP's input side in pixels (0: the architecture's own, 224); 256 makes "
-                                   "ViT-B-32's grid 8x8, each quadrant exactly 4x4 patches")
-    patch_merge: int = setting(4, "each k x k block of patch tokens becomes one token: k*k fewer image tokens "
-                                  "(4 at 256 px: one token per quadrant)")
-    projector: str = setting("patch_mlp", "patch_mlp: each of an image token's k x k patches normalised and "
-                                          "mapped to 64 numbers by one linear layer shared by all patches, "
-                                          "then a 2-layer GELU MLP (one map for every patch: it learns shapes "
-                                          "from fewer pictures); mlp2x_gelu (LLaVA's 2-layer GELU MLP on the "
-                                          "whole token); or linear")
-    image_positions: bool = setting(False, "the projector adds a learned embedding per image token, so each "
-                                           "token says where in the picture it is (z-scoring the features "
-                                           "removes the position CLIP gave them)")
+    clip_layer: int = setting(1, "the block whose patch tokens are read (-2: LLaVA's penultimate)")
+    image_size: int = setting(256, "CLIP's input side in px (0: its own); 256: each quadrant 4x4 ViT-B-32 patches")
+    patch_merge: int = setting(4, "merge each k x k block of patch tokens into one (4 at 256 px: a token a quadrant)")
+    projector: str = setting("patch_mlp", "patch_mlp (one map for every patch: fewer pictures), "
+                                          "mlp2x_gelu (LLaVA's), linear")
+    image_positions: bool = setting(False, "add a learned embedding per image token: where it is (z-scoring "
+                                           "removes CLIP's)")
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = setting(0.1, "dropout on the LoRA input")
@@ -89,13 +80,10 @@ class ModelConfig:
     num_shots: int = setting(0, "solved examples (image and DSL) in the prompt before the target image")
     instruction: str = setting("Read the diagram.", "the prompt's text; short: every token costs time in "
                                                     "every step")
-    quadrant_loss: float = setting(3.0, "a second loss that teaches the projector to see: a linear head names "
-                                        "what each region of the image holds (the diagram DSL: each quadrant's "
-                                        "size and shape) from the mean of its image tokens, or which of the DSL's "
-                                        "contents the picture shows (Mermaid: its labelled nodes); each region "
-                                        "or picture counts this many times as much as a DSL token (0: off)")
-    target_format: str = setting("tags", "tags: what the DSL says the model writes (the diagram DSL: its tags "
-                                         "alone, no whitespace); text: the canonical text")
+    quadrant_loss: float = setting(3.0, "weight (in DSL tokens) of a loss teaching the projector what each "
+                                        "region holds; 0: off")
+    target_format: str = setting("tags", "tags: what the DSL says the model writes (diagram: tags alone); "
+                                         "text: the canonical text")
 
     def __post_init__(self):
         """Each setting's range, checked when the settings are parsed: before data or models load."""

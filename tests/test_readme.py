@@ -1,8 +1,8 @@
 """The README stays true: its file table names files that exist (and every script and tool
 is in it), its links lead somewhere, and every command in its code blocks (and in
-docs/PERFORMANCE.md's, and the Makefile's) parses with the settings of the script or tool
-it runs. No model loads: each command's flags go through the same parser the script's
-`__main__` uses, and nothing runs after that.
+docs/PERFORMANCE.md's, docs/GUIDE.md's and the Makefile's) parses with the settings of the
+script or tool it runs. No model loads: each command's flags go through the same parser the
+script's `__main__` uses, and nothing runs after that.
 """
 
 import argparse
@@ -17,10 +17,10 @@ import pytest
 from conftest import ROOT
 
 README = ROOT / "README.md"
-DOCS = [README, ROOT / "docs" / "LOG.md", ROOT / "docs" / "PERFORMANCE.md"]
+DOCS = [README, ROOT / "docs" / "LOG.md", ROOT / "docs" / "PERFORMANCE.md", ROOT / "docs" / "GUIDE.md"]
 # Files whose fenced code blocks hold commands of today's code. docs/LOG.md is left out:
 # it keeps each command as it was run at its commit.
-COMMAND_FILES = [README, ROOT / "docs" / "PERFORMANCE.md"]
+COMMAND_FILES = [README, ROOT / "docs" / "PERFORMANCE.md", ROOT / "docs" / "GUIDE.md"]
 # "VAR=value ... python X.py ...", "python -m tools.NAME ...", "accelerate launch ... X.py ..."
 COMMAND = re.compile(r"^(?:[A-Za-z_]\w*=\S*\s+)*(?:python3?\s|accelerate\s+launch\s)")
 

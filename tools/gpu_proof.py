@@ -48,8 +48,7 @@ class ProofConfig:
     small: bool = setting(False, "1 layer, 2 steps, the precision this machine does fast: the whole path in "
                                  "minutes on a CPU")
     steps: int = setting(30, "FP16 training steps timed")
-    work_dir: str = setting("", "where the folder base and the runs go (default: a temporary folder; the 32-layer "
-                                "base takes 16 GB)")
+    work_dir: str = setting("", "where the base (16 GB) and the runs go; empty: a temporary folder")
 
 
 def run(*args: str) -> str:

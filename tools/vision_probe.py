@@ -8,8 +8,8 @@ the projector and its picture head alone (finetune.py's warm-up stage, for
 --projector_warmup_epochs), and prints the share of parts (the diagram DSL's quadrants; for
 a DSL whose loss names a picture's contents, the F1 of the classes named) and of whole
 pictures the head names right: on the training and validation pictures, on test.csv, and on
-test.csv under each damage check. The LLM reads no better than its image tokens allow, so a
-minute here tells what a CLIP or projector setting can give before a run of the whole model.
+test.csv under each damage check. The LLM reads no better than its image tokens allow, so
+this run, with no LLM, tells what a CLIP or projector setting can give before a whole run.
 The last line is one JSON object.
 """
 
