@@ -284,7 +284,7 @@ def test_push_to_hub_says_whether_the_repository_is_private(private, tmp_path, m
     assert f"a {'private' if private else 'public'} repository" in said
 
 
-def test_read_images_from_python_reads_as_inference_py_does(exported, tiny_dataset):
+def test_reading_from_python_reads_as_inference_py_does(exported, tiny_dataset):
     """From Python: from_pretrained on the run's best pointer, then inference.read."""
     run_dir, _ = exported
     predictions = run_dir / "predictions.csv"
