@@ -10,9 +10,9 @@
 
 The model's own files are written and read by model.DiagramReader's save/load pair;
 this module adds what a run keeps beside them, and is the one place that lists,
-picks (the `best` pointer included), checks, writes and resumes checkpoints. Every write goes through files.py: a checkpoint is
-whole or absent, whenever the process is killed, and `tidy` puts back what a kill between
-the two renames of a save left aside.
+picks (the `best` pointer included), checks, writes and resumes checkpoints. Every write
+goes through files.py: a checkpoint is whole or absent, whenever the process is killed,
+and `tidy` puts back what a kill between the two renames of a save left aside.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ MODEL_FILES = ("config.json", "base_models.json", "projector.safetensors", "adap
                "adapter/adapter_model.safetensors")
 # What base_models.json records about the base models, and how an error names each fact.
 IDENTITY_NAMES = {"clip_fingerprint": "CLIP weights", "feature_shape": "CLIP feature shape",
-                  "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size", "llm_fingerprint": "LLM weights"}
+                  "llm_hidden_size": "LLM hidden size", "vocab_size": "vocabulary size",
+                  "llm_fingerprint": "LLM weights"}
 
 
 class CheckpointError(Exception):

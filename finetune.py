@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import checkpoint
@@ -39,6 +38,7 @@ import language_model
 import languages
 import settings
 from checkpoint import CheckpointError
+from cost import RunCost
 from model import IGNORE, DiagramReader, ModelConfig, picture_loss, picture_targets, with_examples
 from settings import SettingsError, check, setting
 from tracking import RunLog
@@ -147,20 +147,19 @@ class Split:
 
 
 def main(config: ModelConfig, training: TrainConfig) -> int:
-    accelerator, dtype = set_up(config, training)
+    accelerator, dtype, peak_gflops = set_up(config, training)
+    cost = RunCost(peak_gflops)  # times each phase from here
     train_rows, val_rows = split_data(training, languages.load(config.dsl))
     data_identity = checkpoint.data_identity(training.data_csv, training.seed)  # what decides the split and order
     lock = checkpoint.hold(training.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held)
     accelerator.wait_for_everyone()  # the folder tidied (hold) before any process lists its checkpoints
-    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config, data_identity)
-    saved = checkpoint.read_state(resume_from) if resume_from else {}
-    resumed_state = checkpoint.load_training_state(resume_from) if resume_from else None  # refused before loading
+    resume_from, saved, resumed_state = find_resume_point(config, training, data_identity)
+    cost.train_flops = saved.get("train_flops", 0)
     steps_per_epoch = count_steps_per_epoch(training, len(train_rows), accelerator.num_processes, config.num_shots)
     total_steps = steps_per_epoch * training.epochs
 
     reader = load_model(config, training, dtype, resume_from)
-    split = encode_images(reader, train_rows, val_rows, accelerator)
-    cost = RunCost(saved.get("train_flops", 0))
+    split = encode_images(reader, train_rows, val_rows, accelerator, cost)
     if not resume_from:
         reader.projector.set_feature_statistics(split.train_features)
         reader.examples = [(data.load_image(r.image_path), r.dsl) for r in train_rows[:config.num_shots]]
@@ -202,23 +201,26 @@ def main(config: ModelConfig, training: TrainConfig) -> int:
                 accelerator.print(f"stopped at step {step}; continue with --resume auto "
                                   f"(--output_dir {training.output_dir})", file=sys.stderr)
                 return 130
+    log_cost(run, split, total_steps)
     log.finish()
-    print_cost(run, split, total_steps)
     return 0
 
 
-def print_cost(run: Run, split: Split, total_steps: int):
-    encoded, clip_flops = len(split.train) + len(split.val), run.reader.vision.flops_per_image()
+def log_cost(run: Run, split: Split, total_steps: int):
+    """The run's cost, phase by phase, printed and logged."""
+    images_seen = total_steps * run.images_per_step
+    run.log.cost({"step": total_steps, "images_seen": images_seen, "train_flops": run.cost.train_flops,
+                  "cost": run.cost.table()})
     run.accelerator.print(f"done in {run.minutes():.1f} minutes; checkpoints in {run.training.output_dir}\n"
-                          f"cost: {total_steps * run.images_per_step} images seen by the LLM, "
-                          f"{run.cost.train_flops / 1e12:.1f} TFLOP of training steps; CLIP encoded {encoded} images "
-                          f"at {clip_flops / 1e9:.2f} GFLOP each ({encoded * clip_flops / 1e12:.1f} TFLOP)")
+                          f"cost: {images_seen} images seen by the LLM, {run.cost.train_flops / 1e12:.1f} TFLOP of "
+                          f"training (steps and warm-up); CLIP encoded {len(split.train) + len(split.val)} images\n"
+                          f"{run.cost.report()}")
 
 
 # ---------------------------------------------------------------------------- its parts
 
-def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, torch.dtype]:
-    """The device, the precision (measured when auto) and the seeds."""
+def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, torch.dtype, float]:
+    """The device, the precision (measured when auto), the matmul peak in it, and the seeds."""
     device = hardware.pick_device(training.device)
     try:
         dtype, why = hardware.choose_dtype(training.dtype, device, lambda: language_model.mlp_shape(config.llm))
@@ -239,12 +241,23 @@ def set_up(config: ModelConfig, training: TrainConfig) -> tuple[Accelerator, tor
         raise SettingsError("--load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
     accelerator.print(f"{hardware.describe(accelerator.device)}\n{why}; mixed precision {mixed_precision}")
+    # Timed before the seeds are set: the timing draws random matrices.
+    peak = hardware.peak_gflops(hardware.DTYPES[dtype], device, lambda: language_model.mlp_shape(config.llm))
     set_seed(training.seed)
-    return accelerator, hardware.DTYPES[dtype]
+    return accelerator, hardware.DTYPES[dtype], peak
 
 
 def images_per_step(training: TrainConfig, processes: int) -> int:
     return training.batch_size * training.gradient_accumulation_steps * processes
+
+
+def find_resume_point(config: ModelConfig, training: TrainConfig, data_identity: dict):
+    """(checkpoint, its state.json, its training state) that --resume names, or (None, {}, None)
+    to start afresh; a checkpoint that does not fit is refused before any model loads."""
+    resume_from = checkpoint.resume_point(training.output_dir, training.resume, config, data_identity)
+    if resume_from is None:
+        return None, {}, None
+    return resume_from, checkpoint.read_state(resume_from), checkpoint.load_training_state(resume_from)
 
 
 def count_steps_per_epoch(training: TrainConfig, train_rows: int, processes: int, num_shots: int) -> int:
@@ -294,13 +307,17 @@ def split_data(training: TrainConfig, language: languages.Language) -> tuple[lis
             [r for r in rows if diagram_of[r.dsl] in val_diagrams])
 
 
-def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator) -> Split:
+def encode_images(reader: DiagramReader, train_rows, val_rows, accelerator, cost: RunCost) -> Split:
     """The vision encoder is frozen: its features are computed once per image and kept in memory."""
     reader.vision.to(accelerator.device)
+    started = time.perf_counter()
     with tqdm(total=len(train_rows) + len(val_rows), desc="CLIP features", unit="img",
               disable=not accelerator.is_main_process) as bar:
-        return Split(train_rows, val_rows, reader.vision.encode([r.image_path for r in train_rows], progress=bar),
-                     reader.vision.encode([r.image_path for r in val_rows], progress=bar))
+        split = Split(train_rows, val_rows, reader.vision.encode([r.image_path for r in train_rows], progress=bar),
+                      reader.vision.encode([r.image_path for r in val_rows], progress=bar))
+    cost.add("CLIP features", (len(train_rows) + len(val_rows)) * reader.vision.flops_per_image(),
+             time.perf_counter() - started)
+    return split
 
 
 def warm_up_projector(reader: DiagramReader, split: Split, training: TrainConfig, cost: RunCost, accelerator):
@@ -321,7 +338,7 @@ def warm_up_projector(reader: DiagramReader, split: Split, training: TrainConfig
         order = torch.randperm(len(split.train), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            with cost.count(("projector warm-up", len(batch))):
+            with cost.count("projector warm-up", shape=(len(batch),)):
                 tokens = projector(split.train_features[batch].to(accelerator.device))
                 picture_loss(projector, tokens, targets[batch].to(accelerator.device)).backward()
             optimizer.step()
@@ -397,7 +414,8 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, float]:
     model.train()
     targets = [int((batch["labels"] != IGNORE).sum()) for batch in batches]
     loss_value = 0.0
-    with run.cost.count(tuple(tuple(b["input_ids"].shape) for b in batches), accelerator.num_processes):
+    with run.cost.count("training steps", tuple(tuple(b["input_ids"].shape) for b in batches),
+                        accelerator.num_processes):
         for i, (batch, count) in enumerate(zip(batches, targets)):
             # Processes synchronise gradients once, after the last micro-batch.
             with accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext():
@@ -436,16 +454,18 @@ def validate(run: Run, split: Split, step: int, bar, loss_over_all: bool = False
     example_features, example_dsls = reader.prompt_examples()
     n = min(run.training.eval_samples, len(split.val))
     n_loss = len(split.val) if loss_over_all else n
-    total_loss = 0.0
-    for start in range(0, n_loss, batch_size):
-        end = min(start + batch_size, n_loss)
-        batch = reader.collate(with_examples(example_features, split.val_features[start:end]),
-                               [example_dsls] * (end - start), [r.dsl for r in split.val[start:end]])
-        batch.pop("picture_labels", None)  # the validation loss is the DSL's alone, comparable across settings
+    with run.cost.count("validation"):  # FLOPs counted every time: the reading's lengths vary
+        total_loss = 0.0
+        for start in range(0, n_loss, batch_size):
+            end = min(start + batch_size, n_loss)
+            batch = reader.collate(with_examples(example_features, split.val_features[start:end]),
+                                   [example_dsls] * (end - start), [r.dsl for r in split.val[start:end]])
+            batch.pop("picture_labels", None)  # the validation loss is the DSL's alone, comparable across settings
+            with autocast():
+                loss = reader(**{k: v.to(run.accelerator.device) for k, v in batch.items()})
+            total_loss += loss.item() * (end - start)
         with autocast():
-            total_loss += reader(**{k: v.to(run.accelerator.device) for k, v in batch.items()}).item() * (end - start)
-    with autocast():
-        predictions, _ = reader.read_features(split.val_features[:n])
+            predictions, _ = reader.read_features(split.val_features[:n])
     references = [r.dsl for r in split.val[:n]]
     scores = reader.language.score(predictions, references)
     scores.pop("by_count", None)
@@ -475,26 +495,6 @@ def save(run: Run, name: str, step: int, scores: dict | None, data_identity: dic
     checkpoint.prune(folder.parent, training.keep_step_checkpoints)
     if name.startswith("epoch-"):
         run.log.checkpoint(folder)
-
-
-class RunCost:
-    """What a run costs in numbers no machine changes: the FLOPs of its training steps, counted
-    by torch's FlopCounterMode (as benchmark.py counts a step). A step's count depends only on
-    its batches' shapes, so each shape is counted once, on the first step that has it."""
-
-    def __init__(self, train_flops: int = 0):
-        self.train_flops, self.by_shape = train_flops, {}
-
-    @contextlib.contextmanager
-    def count(self, shape: tuple, processes: int = 1):
-        """Add the FLOPs of the work inside, whose cost `shape` determines."""
-        if shape in self.by_shape:
-            yield
-        else:
-            with FlopCounterMode(display=False) as counter:
-                yield
-            self.by_shape[shape] = counter.get_total_flops() * processes
-        self.train_flops += self.by_shape[shape]
 
 
 def stop_on_nan(step: int, loss: float, training: TrainConfig, bar, accelerator) -> int:

@@ -107,6 +107,14 @@ def choose_dtype(requested: str, device: torch.device, mlp_shape, tokens: int = 
                    f"{hidden_size}x{intermediate_size} matmul)"
 
 
+def peak_gflops(dtype: torch.dtype, device: torch.device, mlp_shape, tokens: int = 128) -> float:
+    """The matmul speed a run's work is measured against: on a CPU the LLM's MLP matmul, the
+    one --dtype auto times; on a GPU one large enough to reach its peak."""
+    if device.type == "cuda":
+        return matmul_gflops(dtype, 8192, 8192, 8192, device, seconds=0.5)
+    return matmul_gflops(dtype, tokens, *mlp_shape(), device, seconds=0.3)
+
+
 def mixed_precision_for(dtype: str, requested: str = "auto") -> str:
     """accelerate's mixed precision: FP16 weights train under FP16 autocast with a gradient
     scaler (small gradients underflow in FP16 otherwise); bfloat16 and float32 need neither."""

@@ -57,8 +57,8 @@ def find(name: str) -> str:
 
 def gguf_as_folder(path: Path) -> Path:
     """A GGUF file as a transformers folder (config, tokenizer, float32 weights), made once
-    and cached: reading the GGUF itself (its 49k-token vocabulary parsed field by field, the
-    weights de-quantized) takes ~10 s on every load, the folder ~1 s."""
+    and cached: reading the GGUF itself (its vocabulary parsed field by field, the weights
+    de-quantized) is slow on every load, the folder fast (docs/LOG.md)."""
     stat = path.stat()
     folder = hardware.cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (folder / "config.json").is_file():

@@ -37,9 +37,10 @@ class LogFile:
             raise CheckpointError(f"{error}; move {self.path} aside to continue without it") from None
 
     def keep_until(self, step: int):
-        """Keep the records up to `step` (a resumed run logs the later ones again); none at step 0."""
-        kept = [r for r in self.records() if (r.get("step") or r.get("eval", {}).get("step", 0)) <= step] \
-            if step else []
+        """Keep the records up to `step` (a resumed run logs the later ones again, and its own
+        cost at its end); none at step 0."""
+        kept = [r for r in self.records() if (r.get("step") or r.get("eval", {}).get("step", 0)) <= step
+                and "cost" not in r] if step else []
         files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -75,6 +76,13 @@ class RunLog:
         self.run.log({f"val/{k}": v for k, v in scores.items()} | {"val/predictions": self._table(samples, language)}, step=step)
         if self.mode != "online":
             self._plot()
+
+    def cost(self, record: dict):
+        """The run's cost at its end (cost.RunCost.table, with the step it ended at)."""
+        self._append(record)
+        if self.is_main:
+            self.run.summary.update({f"cost/{phase}/{k}": v for phase, row in record["cost"].items()
+                                     for k, v in row.items()})
 
     def checkpoint(self, folder: Path):
         """Log a checkpoint folder as a W&B artifact (one artifact per run, a version per save)."""

@@ -63,6 +63,15 @@ def test_run_writes_epoch_and_step_checkpoints_in_peft_and_safetensors_format(tr
     log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
     assert [r["eval"]["step"] for r in log if "eval" in r] == [5, 10]  # validation at each epoch end
+    # The last record: the run's cost, phase by phase, its work adding up to the whole.
+    last = log[-1]
+    assert last["step"] == 10 and last["train_flops"] == [r for r in log if "loss" in r][-1]["train_flops"] > 0
+    phases = last["cost"]
+    assert {"CLIP features", "training steps", "validation", "other", "in all"} <= set(phases)
+    assert all(row["flops"] > 0 and 0 < row["share_of_peak"] for name, row in phases.items() if name != "other")
+    assert sum(row["flops"] for name, row in phases.items() if name != "in all") == phases["in all"]["flops"]
+    seconds = sum(row["seconds"] for name, row in phases.items() if name != "in all")
+    assert abs(seconds - phases["in all"]["seconds"]) < 0.05
 
 
 def test_a_new_run_does_not_overwrite_an_old_one(trained_run, tiny_llm, tiny_clip, tiny_dataset):
@@ -220,7 +229,9 @@ def test_a_torn_last_log_line_is_dropped_on_resume_with_one_warning(trained_run,
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     log = run_dir / "log.jsonl"
-    log.write_text(log.read_text()[:-20])  # a kill inside the last write: the validation at step 10
+    lines = log.read_text().splitlines(keepends=True)
+    assert "cost" in json.loads(lines[-1])  # the run's end: its cost, written after the last validation
+    log.write_text("".join(lines[:-1])[:-20])  # a kill inside the write of the validation at step 10
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--epochs", "3",
                                                   "--save_every", "2", "--num_shots", "1", "--resume", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -228,6 +239,7 @@ def test_a_torn_last_log_line_is_dropped_on_resume_with_one_warning(trained_run,
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
     assert [r["eval"]["step"] for r in records if "eval" in r] == [5, 15]
+    assert [r["step"] for r in records if "cost" in r] == [15]  # the resumed run's own, at its end
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_the_earlier_checkpoints_whole(

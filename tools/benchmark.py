@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import dsl
 import finetune
+from cost import RunCost
 import hardware
 from model import IGNORE, DiagramReader
 from settings import setting
@@ -111,13 +112,13 @@ def trainer_step_seconds(reader: DiagramReader, batches: list[dict], training, d
 
 def main(argv: list[str]) -> dict:
     config, training, bench = finetune.parse_configs(argv, BenchmarkConfig)
-    accelerator, dtype = finetune.set_up(config, training)
+    accelerator, dtype, _ = finetune.set_up(config, training)
     device = accelerator.device
     reader = finetune.load_model(config, training, dtype)
     optimizer, scheduler = finetune.make_optimizer(reader, training, total_steps=bench.steps + 1)
     prepared, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     run = finetune.Run(training, accelerator, reader, prepared, optimizer, scheduler, log=None,
-                       cost=finetune.RunCost(), started=time.time(), steps_per_epoch=bench.steps + 1)
+                       cost=RunCost(), started=time.time(), steps_per_epoch=bench.steps + 1)
     rng = random.Random(0)
 
     def step():

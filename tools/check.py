@@ -22,6 +22,7 @@ import torch
 
 from tools import benchmark
 import finetune
+from cost import RunCost
 import hardware
 import settings
 
@@ -36,7 +37,7 @@ def count_rows(csv_path: str) -> int | None:
 
 def check(argv: list[str]) -> str:
     config, training = finetune.parse_configs(argv)
-    accelerator, dtype = finetune.set_up(config, training)  # prints the device and the dtype's reason
+    accelerator, dtype, _ = finetune.set_up(config, training)  # prints the device and the dtype's reason
     device = accelerator.device
     started = time.perf_counter()
     reader = finetune.load_model(config, training, dtype)
@@ -45,7 +46,7 @@ def check(argv: list[str]) -> str:
     optimizer, scheduler = finetune.make_optimizer(reader, training, total_steps=10)
     prepared, optimizer, scheduler = accelerator.prepare(reader, optimizer, scheduler)
     run = finetune.Run(training, accelerator, reader, prepared, optimizer, scheduler, log=None,
-                       cost=finetune.RunCost(), started=time.time(), steps_per_epoch=10)
+                       cost=RunCost(), started=time.time(), steps_per_epoch=10)
     rng = random.Random(0)
     hardware.reset_peak_memory(device)
     seconds = []

@@ -27,6 +27,7 @@ import damage
 import data
 import dsl
 import finetune
+from cost import RunCost
 import languages
 import settings
 from model import DiagramReader, picture_targets
@@ -68,9 +69,9 @@ def main(config, training, args: Arguments) -> dict:
     test_rows = data.read_dataset(args.test_csv, language=language)[0]
     reader = DiagramReader.build(config)
     accelerator = Accelerator(cpu=True)
-    split = finetune.encode_images(reader, train_rows, val_rows, accelerator)
+    split = finetune.encode_images(reader, train_rows, val_rows, accelerator, RunCost())
     reader.projector.set_feature_statistics(split.train_features)
-    finetune.warm_up_projector(reader, split, training, finetune.RunCost(), accelerator)
+    finetune.warm_up_projector(reader, split, training, RunCost(), accelerator)
     results = {"training": score(reader, split.train_features, train_rows),
                "validation": score(reader, split.val_features, val_rows)}
     pictures = [data.load_image(row.image_path) for row in test_rows]
