@@ -1,4 +1,5 @@
-"""Ordinary damage to a picture of a diagram: what screenshots, scans and exports do to it.
+"""Ordinary damage to a picture of a diagram: what screenshots, scans, exports and phone
+cameras do to it.
 
 Two users: `robustness.py` scores a checkpoint on each kind at a fixed strength
 (`CHECKS`), and `create_images.py --damage P` gives a share P of the training images a
@@ -61,6 +62,40 @@ def zoom_out(image: Image.Image, scale: float) -> Image.Image:
     return out
 
 
+def perspective(image: Image.Image, reach: float, rng: random.Random) -> Image.Image:
+    """Seen at a slant: each corner moved by up to `reach` of the side, the uncovered edge
+    filled with the background."""
+    side = image.width
+    corners = [(x + rng.uniform(-reach, reach) * side, y + rng.uniform(-reach, reach) * side)
+               for x, y in [(0, 0), (0, side), (side, side), (side, 0)]]  # where the source's corners are
+    return image.transform(image.size, Image.QUAD, [c for corner in corners for c in corner], Image.BICUBIC,
+                           fillcolor=image.getpixel((0, 0)))
+
+
+def uneven_light(image: Image.Image, darkest: float, rng: random.Random) -> Image.Image:
+    """Light falling off across the picture in a random direction, down to `darkest` of it."""
+    side = image.width
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:side, 0:side] / side - 0.5
+    along = (x * np.cos(angle) + y * np.sin(angle)) / np.sqrt(0.5) * 0.5 + 0.5  # 0 to 1 across
+    light = 1 - (1 - darkest) * along
+    return Image.fromarray((np.asarray(image).astype(float) * light[..., None]).clip(0, 255).astype(np.uint8))
+
+
+def colour_cast(image: Image.Image, gains: tuple[float, float, float]) -> Image.Image:
+    """Each channel scaled by its gain: a lamp's or a screen's tint."""
+    return Image.fromarray((np.asarray(image).astype(float) * np.array(gains)).clip(0, 255).astype(np.uint8))
+
+
+def on_a_surface(image: Image.Image, scale: float, surface: tuple[int, int, int]) -> Image.Image:
+    """The picture as a sheet filling `scale` of the frame, centred on a surface of another
+    colour: its edge visible, so sizes still read against the sheet."""
+    side = round(image.width * scale)
+    out = Image.new("RGB", image.size, surface)
+    out.paste(image.resize((side, side), Image.BICUBIC), ((image.width - side) // 2, (image.height - side) // 2))
+    return out
+
+
 # The fixed strengths robustness.py scores, one kind at a time.
 CHECKS = {
     "clean": lambda image, rng: image,
@@ -87,7 +122,8 @@ def check(kind: str, image: Image.Image, seed: int, index: int) -> Image.Image:
 
 # How often random_damage applies each kind. Geometry comes most often: photometric damage
 # is read through without training on it, shifts and zooms are not (docs/LOG.md).
-DAMAGE_ODDS = {"shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
+DAMAGE_ODDS = {"sheet": 1 / 6, "shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "perspective": 1 / 4, "light": 1 / 4,
+               "cast": 1 / 5, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
 
 
 def random_damage(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -96,13 +132,25 @@ def random_damage(image: Image.Image, rng: random.Random) -> Image.Image:
     an export would), and at least one."""
     side = image.width
     kinds = [k for k, odds in DAMAGE_ODDS.items() if rng.random() < odds] or [rng.choice(list(DAMAGE_ODDS))]
-    if "zoom" in kinds:  # a picture exported or scanned at a slightly smaller scale
+    if "sheet" in kinds:  # a sheet photographed on a table
+        background = image.getpixel((0, 0))
+        surface = background
+        while abs(sum(surface) - sum(background)) < 3 * 40:
+            surface = tuple(rng.randint(0, 255) for _ in range(3))
+        image = on_a_surface(image, rng.uniform(0.7, 0.95), surface)
+    elif "zoom" in kinds:  # a picture exported or scanned at a slightly smaller scale
         image = zoom_out(image, rng.uniform(0.9, 1.0))
     if "shift" in kinds:
         reach = round(0.05 * side)  # 11 px at 224
         image = shift(image, rng.randint(-reach, reach), rng.randint(-reach, reach))
     if "rotate" in kinds:
         image = rotate(image, rng.uniform(-5, 5))
+    if "perspective" in kinds:
+        image = perspective(image, rng.uniform(0.01, 0.06), rng)
+    if "light" in kinds:
+        image = uneven_light(image, rng.uniform(0.55, 0.95), rng)
+    if "cast" in kinds:
+        image = colour_cast(image, tuple(rng.uniform(0.8, 1.2) for _ in range(3)))
     if "blur" in kinds:
         image = blur(image, rng.uniform(0.3, 1.5))
     if "noise" in kinds:

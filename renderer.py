@@ -6,7 +6,8 @@
 Each of the four positions is a quadrant of side q = size/2. An element's
 bounding box is 0.80q / 0.55q / 0.30q (Large / Medium / Small), centred in its
 quadrant. `Style()` is the nominal look (black 3 px outline on white);
-`random_style(rng)` samples the whole envelope SPEC allows when augmenting.
+`random_style(rng)` samples the whole envelope SPEC allows when augmenting: inks and
+grounds of any colour with enough contrast (dark mode included), and pen strokes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import random
 import sys
 from dataclasses import dataclass
+
+import math
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,24 +38,42 @@ class Style:
     colour: tuple[int, int, int] = (0, 0, 0)
     background: tuple[int, int, int] = (255, 255, 255)
     jitter: bool = False  # move and resize each element within SPEC's jitter bounds
+    pen: bool = False  # outlines drawn by hand: wobbly strokes that may not quite close
 
 
 NOMINAL = Style()
+MIN_CONTRAST = 90  # the least difference in grey level (0-255) between ink and ground
+PEN_WOBBLE = 0.06  # a pen stroke strays from the outline by up to this share of the side
+
+
+def grey(colour: tuple[int, int, int]) -> float:
+    r, g, b = colour
+    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def random_style(rng: random.Random) -> Style:
-    """A style drawn from the whole envelope: outline 2-5 px or filled, a dark colour
-    (each channel <= 100), a light background (each channel >= 220), with jitter. The
-    ink's lightness is drawn first, uniformly, so the lightest allowed inks (greys near
-    100) are as common as black: with each channel drawn alone they would be rare."""
-    lightness = rng.randint(0, 100)
-    return Style(
-        filled=rng.random() < 0.5,
-        stroke=rng.randint(2, 5),
-        colour=tuple(max(0, lightness - rng.randint(0, 50)) for _ in range(3)),
-        background=tuple(rng.randint(220, 255) for _ in range(3)),
-        jitter=True,
-    )
+    """A style drawn from the whole envelope: outline 1-6 px (by pen, a third of outlines)
+    or filled, with jitter, in one of three looks: dark ink on a light ground (half the
+    pictures; the ink's lightness drawn first, uniformly, so greys near 100 are as common
+    as black), light ink on a dark ground (dark mode), or any ink on any ground that differ
+    by MIN_CONTRAST in grey level."""
+    filled = rng.random() < 0.4
+    look = rng.random()
+    if look < 0.5:
+        lightness = rng.randint(0, 100)
+        colour = tuple(max(0, lightness - rng.randint(0, 50)) for _ in range(3))
+        background = tuple(rng.randint(220, 255) for _ in range(3))
+    elif look < 0.75:  # dark mode
+        lightness = rng.randint(190, 255)
+        colour = tuple(lightness - rng.randint(0, 40) for _ in range(3))
+        background = tuple(rng.randint(0, 60) for _ in range(3))
+    else:  # coloured ink on a coloured ground
+        background = tuple(rng.randint(0, 255) for _ in range(3))
+        colour = background
+        while abs(grey(colour) - grey(background)) < MIN_CONTRAST:
+            colour = tuple(rng.randint(0, 255) for _ in range(3))
+    return Style(filled=filled, stroke=rng.randint(1, 6), colour=colour, background=background, jitter=True,
+                 pen=not filled and rng.random() < 1 / 3)
 
 
 def element_box(element: dsl.Element, size: int, style: Style = NOMINAL,
@@ -85,7 +106,10 @@ def render(diagram: dsl.Diagram, size: int = 224, style: Style = NOMINAL,
         fill = style.colour if style.filled else None
         outline = None if style.filled else style.colour
         width = 0 if style.filled else style.stroke
-        if element.shape == "Circle":
+        if style.pen:
+            points = pen_stroke(outline_points(element.shape, left, top, right, bottom), side, rng or random.Random())
+            draw.line(points, fill=style.colour, width=style.stroke, joint="curve")
+        elif element.shape == "Circle":
             draw.ellipse((left, top, right, bottom), fill=fill, outline=outline, width=width)
         elif element.shape == "Square":
             draw.rectangle((left, top, right, bottom), fill=fill, outline=outline, width=width)
@@ -93,6 +117,38 @@ def render(diagram: dsl.Diagram, size: int = 224, style: Style = NOMINAL,
             apex = ((left + right) / 2, top)
             draw.polygon((apex, (right, bottom), (left, bottom)), fill=fill, outline=outline, width=width)
     return image
+
+
+def outline_points(shape: str, left: float, top: float, right: float, bottom: float) -> list[tuple[float, float]]:
+    """The shape's outline as a closed path of points, about one every 2 pixels."""
+    if shape == "Circle":
+        cx, cy, rx, ry = (left + right) / 2, (top + bottom) / 2, (right - left) / 2, (bottom - top) / 2
+        n = max(12, round(math.pi * (rx + ry)))
+        return [(cx + rx * math.cos(2 * math.pi * i / n), cy + ry * math.sin(2 * math.pi * i / n)) for i in range(n + 1)]
+    corners = ([(left, top), (right, top), (right, bottom), (left, bottom)] if shape == "Square"
+               else [((left + right) / 2, top), (right, bottom), (left, bottom)])
+    path = []
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1]):
+        n = max(2, round(math.hypot(x1 - x0, y1 - y0) / 2))
+        path += [(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n) for i in range(n)]
+    return path + path[:1]
+
+
+def pen_stroke(path: list[tuple[float, float]], side: float, rng: random.Random) -> list[tuple[float, float]]:
+    """A closed path as a hand draws it: a slow wobble of up to PEN_WOBBLE of the side on each
+    axis, starting anywhere, ending up to 8% of the way short of the start or past it."""
+    n = len(path) - 1
+    start = rng.randrange(n)
+    end = n + round(rng.uniform(-0.08, 0.08) * n)  # a gap, or an overshoot
+    waves = [(rng.uniform(-PEN_WOBBLE, PEN_WOBBLE) / 2 * side, rng.randint(1, 3), rng.uniform(0, 2 * math.pi))
+             for _ in range(2)]
+    stroke = []
+    for i in range(end + 1):
+        x, y = path[(start + i) % n]
+        t = 2 * math.pi * i / n
+        wobble = sum(amplitude * math.sin(frequency * t + phase) for amplitude, frequency, phase in waves)
+        stroke.append((x + wobble, y + sum(a * math.cos(f * t + p) for a, f, p in waves)))
+    return stroke
 
 
 # ---------------------------------------------------------------------------- render and compare
@@ -109,13 +165,13 @@ def picture(text: str, size: int) -> Image.Image:
 
 def ink_by_quadrant(image: Image.Image) -> list[bool]:
     """Per quadrant (TopLeft, TopRight, BottomLeft, BottomRight): is anything drawn there?
-    Ink is a pixel much darker than the picture's median (its background), and a quadrant
-    has some when over 0.5% of its pixels are ink (a small thin outline is ~2%)."""
-    grey = np.asarray(image.convert("L"), dtype=float)
-    ink = grey < np.median(grey) - 60
-    half_h, half_w = ink.shape[0] // 2, ink.shape[1] // 2
-    quadrants = [ink[:half_h, :half_w], ink[:half_h, half_w:], ink[half_h:, :half_w], ink[half_h:, half_w:]]
-    return [q.mean() > 0.005 for q in quadrants]
+    Ink is a pixel far from its quadrant's median colour in any channel (darker or lighter:
+    dark mode too; the median, not the picture's, so that uneven light is not ink), and a
+    quadrant has some when over 0.5% of its pixels are ink (a small thin outline is ~2%)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=float)
+    half_h, half_w = pixels.shape[0] // 2, pixels.shape[1] // 2
+    quadrants = [pixels[:half_h, :half_w], pixels[:half_h, half_w:], pixels[half_h:, :half_w], pixels[half_h:, half_w:]]
+    return [(np.abs(q - np.median(q.reshape(-1, 3), axis=0)).max(-1) > 60).mean() > 0.005 for q in quadrants]
 
 
 def agreement(image: Image.Image, prediction: str) -> float:
