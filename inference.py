@@ -46,6 +46,7 @@ class Arguments:
     skip_bad_rows: bool = setting(False, "read the good rows of a CSV with bad ones")
     constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
     flag_below: float = setting(0.0, "list the doubtful images: confidence below this, or ink that disagrees")
+    reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
@@ -100,10 +101,9 @@ def render_side_by_side(image: Image.Image | Path, prediction: str, language: la
     return canvas
 
 
-def print_coverage(predictions, references, confidences, agreements, language):
+def print_coverage(exact: list[bool], confidences: list[float], agreements: list[float | None]):
     """Exact match among the predictions kept at each confidence threshold (and full
     agreement, where the DSL has it), against the share kept: how far the confidence can be trusted."""
-    exact = [language.canonical_or_raw(p) == language.canonical(r) for p, r in zip(predictions, references)]
     print(f"{'kept if':38}{'kept':>8}{'exact among kept':>18}")
     for threshold in (0.0, 0.5, 0.9, 0.99, 0.999):
         for need_agreement in (False, True) if None not in agreements else (False,):
@@ -111,6 +111,42 @@ def print_coverage(predictions, references, confidences, agreements, language):
                     and (a == 1 or not need_agreement)]
             rule = f"confidence >= {threshold}" + (" and agreement 1" if need_agreement else "")
             print(f"{rule:38}{len(kept) / len(exact):>8.3f}{sum(kept) / len(kept) if kept else float('nan'):>18.4f}")
+
+
+def calibration(confidences: list[float], correct: list[bool], bins: int = 10) -> tuple[float, list[dict]]:
+    """Expected calibration error of the confidence (how far, weighted by pictures, each
+    bin's mean confidence is from its share of exact readings), and the bins."""
+    rows = []
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [(c, k) for c, k in zip(confidences, correct) if low <= c < high or (b == bins - 1 and c == 1.0)]
+        if members:
+            rows.append({"low": low, "high": high, "n": len(members),
+                         "confidence": sum(c for c, _ in members) / len(members),
+                         "exact": sum(k for _, k in members) / len(members)})
+    ece = sum(r["n"] * abs(r["confidence"] - r["exact"]) for r in rows) / max(1, len(confidences))
+    return ece, rows
+
+
+def write_reliability_diagram(rows: list[dict], ece: float, path: str | Path):
+    """Exact share against mean confidence, bin by bin: on the diagonal when calibrated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    axes.plot([0, 1], [0, 1], ":", color="gray", label="calibrated")
+    axes.bar([r["low"] for r in rows], [r["exact"] for r in rows], width=[r["high"] - r["low"] for r in rows],
+             align="edge", alpha=0.6, edgecolor="black", label="exact match in the bin")
+    axes.plot([r["confidence"] for r in rows], [r["exact"] for r in rows], "o", color="C3", label="bin's confidence")
+    axes.set(xlabel="confidence", ylabel="exact match", xlim=(0, 1), ylim=(0, 1.02),
+             title=f"reliability (ECE {ece:.3f}, n {sum(r['n'] for r in rows)})")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    with files.replacing(path) as temporary:
+        figure.savefig(temporary, dpi=100)
+    plt.close(figure)
 
 
 def print_scores(scores: dict):
@@ -199,8 +235,15 @@ def main(args: Arguments, image_args: list[str]) -> int:
                 render_side_by_side(path, prediction, reader.language).save(temporary)
     if args.eval:
         references = [row.dsl for row in rows]
-        print_coverage(predictions[:len(rows)], references, confidences, agreements, reader.language)
-        print_scores(reader.language.score(predictions[:len(rows)], references))
+        exact = [reader.language.canonical_or_raw(p) == reader.language.canonical(r)
+                 for p, r in zip(predictions, references)]
+        print_coverage(exact, confidences, agreements)
+        ece, bins = calibration(confidences[:len(rows)], exact)
+        if args.reliability_png:
+            write_reliability_diagram(bins, ece, args.reliability_png)
+        print(f"expected calibration error of the confidence: {ece:.4f}"
+              + (f" (reliability diagram: {args.reliability_png})" if args.reliability_png else ""))
+        print_scores({**reader.language.score(predictions[:len(rows)], references), "ece": round(ece, 4)})
     return 1 if failed else 0
 
 

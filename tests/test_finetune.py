@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import finetune
@@ -82,10 +83,13 @@ def test_a_new_run_does_not_overwrite_an_old_one(trained_run, tiny_llm, tiny_cli
 
 def test_inference_evaluates_a_csv_and_ends_with_json(trained_run, tiny_dataset, tmp_path):
     result = run_script("inference.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
-                        "--eval", "--dtype", "float32", "--out", str(tmp_path / "p.csv"), "--render", str(tmp_path / "r"))
+                        "--eval", "--dtype", "float32", "--out", str(tmp_path / "p.csv"), "--render", str(tmp_path / "r"),
+                        "--reliability_png", str(tmp_path / "reliability.png"))
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])
-    assert scores["n"] == 6 and {"exact_match", "element_f1", "valid_rate", "by_count"} <= set(scores)
+    assert scores["n"] == 6 and {"exact_match", "element_f1", "valid_rate", "by_count", "ece"} <= set(scores)
+    assert "expected calibration error of the confidence" in result.stdout and 0 <= scores["ece"] <= 1
+    assert Image.open(tmp_path / "reliability.png").size[0] > 100
     assert "epoch-02" in result.stderr  # the run folder's latest epoch
     assert len(list((tmp_path / "r").glob("*.png"))) == 6
     assert (tmp_path / "p.csv").read_text().startswith("image_path,dsl,valid")

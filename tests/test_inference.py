@@ -27,3 +27,15 @@ def test_a_missing_or_extra_element_lowers_the_agreement(tmp_path):
     assert renderer.agreement(Image.open(tmp_path / "x.png"), missing) == 0.75
     assert renderer.agreement(Image.open(tmp_path / "x.png"), extra) == 0.75
     assert renderer.agreement(Image.open(tmp_path / "x.png"), "not a diagram") == 0.0
+
+
+def test_calibration_error_weighs_each_bins_gap_by_its_pictures():
+    import inference
+
+    confidences = [0.95, 0.95, 0.95, 0.95, 0.55, 0.55, 1.0, 1.0]
+    exact = [True, True, True, False, True, False, True, True]
+    ece, bins = inference.calibration(confidences, exact)
+    # 0.9-1.0 holds six (mean confidence 0.9667, exact 5/6); 0.5-0.6 two (0.55, exact 0.5).
+    assert [(b["low"], b["n"]) for b in bins] == [(0.5, 2), (0.9, 6)]
+    assert abs(ece - (6 * abs(0.9667 - 5 / 6) + 2 * 0.05) / 8) < 1e-3
+    assert inference.calibration([0.99] * 4, [True] * 4)[0] < 0.011

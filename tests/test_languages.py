@@ -48,7 +48,7 @@ def train_and_evaluate(tiny_llm, tiny_clip, dataset, run_dir, dsl_name):
                                                   "--quadrant_loss", "0"))
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("inference.py", "--checkpoint", str(run_dir), "--csv", str(dataset / "test.csv"), "--eval",
-                        "--dtype", "float32")
+                        "--dtype", "float32", "--reliability_png", str(run_dir / "reliability.png"))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
