@@ -571,15 +571,16 @@ def score_kind(kind: str, readings, references: list[str], language) -> dict:
     return result
 
 
-def share(value: float | None) -> str:
-    return "  -  " if value is None else f"{value:.3f}"
+def part(share: float | None, count: int) -> str:
+    """"12/15 (0.800)": a share of a count, as its numerator and the share."""
+    return "0/0 (  -  )" if share is None else f"{round(share * count)}/{count} ({share:.3f})"
 
 
 def print_kind(kind: str, s: dict):
     extra = f"  shape+position exact {s['shape_position_exact']:.3f}" if "shape_position_exact" in s else ""
     print(f"{kind:15} n {s['n']:4}  exact {s['exact']:.3f}  element F1 {s['element_f1']:.3f}  "
-          f"valid {s['valid']:.3f}{extra}  doubt flag: catches {share(s['flag_catches_wrong'])} of "
-          f"{s['flag_wrong']} wrong, flags {share(s['flag_flags_right'])} of {s['flag_right']} right "
+          f"valid {s['valid']:.3f}{extra}  doubt flag catches {part(s['flag_catches_wrong'], s['flag_wrong'])} "
+          f"wrong, flags {part(s['flag_flags_right'], s['flag_right'])} right "
           f"(right: {s['flag_judged_by'].replace('_', ' and ')})", flush=True)
 
 
