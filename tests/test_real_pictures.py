@@ -108,6 +108,7 @@ def test_dark_colours_have_the_contrast_they_claim():
         colours, counts = np.unique(pixels, axis=0, return_counts=True)
         ground, ink = colours[np.argsort(counts)[-1]], colours[np.argsort(counts)[-2]]  # the two commonest
         assert real_pictures.contrast(ground, ink) >= 4.5
+        assert abs(real_pictures.grey(ground) - real_pictures.grey(ink)) >= 90
 
 
 SQUARE_TL = "<StartDiagram> <Large> <Square> <TopLeft> <EndDiagram>"

@@ -43,7 +43,8 @@ pictures meets a drawing it has never seen. The kinds:
   frame's side), so that positions still read.
 - `dark`: half dark mode (light ink on a near-black ground, as editors and slides draw it)
   and half coloured ink on a coloured ground, the two at a contrast ratio of at least 4.5
-  (WCAG's, for text) and 7 in dark mode; outlines of 2 to 5 px or filled shapes.
+  (WCAG's, for text) and 7 in dark mode, and at least 90 grey levels apart; outlines of 2
+  to 5 px or filled shapes.
 
 With --checkpoint it reads each kind with the model (`inference.read`) and prints per kind:
 n, exact match, element F1 (the language's score), valid rate, for margin_no_edge exact
@@ -82,6 +83,7 @@ DOUBT_CONFIDENCE = 0.9  # the doubt flag: confidence below this, or agreement be
 QUADRANT_SHARE = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}  # side of the bounding box
 SIDE_SLACK, CENTRE_SLACK = 0.03, 0.06  # how far each may stray, in q
 SUPERSAMPLE = 4  # masks are drawn at 4x the picture and shrunk: smooth edges
+GREY_APART = 90  # the least difference of ink and ground in grey level (0-255) in `dark`
 
 
 @dataclass
@@ -171,6 +173,11 @@ def contrast(a, b) -> float:
     """WCAG's contrast ratio, 1 to 21."""
     la, lb = sorted((luminance(a), luminance(b)), reverse=True)
     return (la + 0.05) / (lb + 0.05)
+
+
+def grey(rgb) -> float:
+    """The grey level (0-255) of a colour, as a greyscale conversion (ITU-R 601) gives it."""
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
 def hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -315,8 +322,8 @@ def circle_stroke(x: float, y: float, side: float, rng: random.Random) -> np.nda
     n = 90
     start = rng.uniform(0, 2 * np.pi)
     theta = start + np.linspace(0, 2 * np.pi + miss, n) * rng.choice((-1, 1))
-    radius = side / 2 * (1 + np.linspace(0, rng.uniform(-0.06, 0.06), n)) + waves(n, 0.018 * side, rng)
-    squash, tilt = rng.uniform(0.9, 1.0), rng.uniform(0, np.pi)
+    radius = side / 2 * (1 + np.linspace(0, rng.uniform(-0.05, 0.05), n)) + waves(n, 0.018 * side, rng)
+    squash, tilt = rng.uniform(0.94, 1.0), rng.uniform(0, np.pi)
     u, v = radius * np.cos(theta), radius * squash * np.sin(theta)
     return np.stack([x + u * math.cos(tilt) - v * math.sin(tilt), y + u * math.sin(tilt) + v * math.cos(tilt)], 1)
 
@@ -454,7 +461,8 @@ def margin(diagram: dsl.Diagram, size: int, rng: random.Random, edge: bool) -> t
 
 def dark(diagram: dsl.Diagram, size: int, rng: random.Random) -> tuple[Image.Image, str]:
     """Dark mode (a near-black ground, light ink; contrast at least 7) or coloured ink on a
-    coloured ground (both saturated; contrast at least 4.5)."""
+    coloured ground (both saturated; contrast at least 4.5); in both, ink and ground at least
+    GREY_APART grey levels apart (WCAG's ratio alone lets a few coloured pairs be as close as 65)."""
     dark_mode = rng.random() < 0.5
     while True:
         if dark_mode:
@@ -467,7 +475,7 @@ def dark(diagram: dsl.Diagram, size: int, rng: random.Random) -> tuple[Image.Ima
             ground = hsv(hue, rng.uniform(0.3, 0.9), rng.uniform(0.25, 1.0))
             ink = hsv(hue + rng.uniform(0.15, 0.85), rng.uniform(0.4, 1.0), rng.uniform(0.2, 1.0))
             enough = 4.5
-        if contrast(ground, ink) >= enough:
+        if contrast(ground, ink) >= enough and abs(grey(ground) - grey(ink)) >= GREY_APART:
             break
     width, filled = rng.uniform(2, 5), rng.random() < 0.25
     big = size * SUPERSAMPLE
