@@ -6,6 +6,7 @@
     python -m tools.robustness       a checkpoint's scores on each kind of damaged picture
     python -m tools.other_renderer   pictures from a second, independent renderer
     python -m tools.other_mermaid    held-out Mermaid charts in a second style, drawn by code of its own
+    python -m tools.real_pictures    held-out diagrams as people bring them: sketch, photo, margins, dark; scored
     python -m tools.learning_curve   validation scores against images seen, from runs' log.jsonl
     python -m tools.vision_probe     what the image tokens say, read by the quadrant head alone (no LLM)
     python -m tools.grammar_cost     what decoding by the DSL's grammar costs, a share of a generation step
