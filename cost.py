@@ -64,7 +64,7 @@ class RunCost:
     def report(self) -> str:
         """The table, as text."""
         lines = [f"{'phase':20}{'TFLOP':>9}{'seconds':>10}{'share of the peak':>19}"
-                 f"  (peak: {self.peak_gflops:.0f} GFLOP/s, the matmul timed at start-up)"]
+                 f"  (peak: {self.peak_gflops:.0f} GFLOP/s, the LLM's matmul as timed)"]
         for name, row in self.table().items():
             share = f"{row['share_of_peak']:.2f}" if row["flops"] else "-"
             lines.append(f"{name:20}{row['flops'] / 1e12:>9.2f}{row['seconds']:>10.1f}{share:>19}")
