@@ -53,6 +53,8 @@ class Arguments:
     out_dir: str = setting(".", "where images/, data.csv and test.csv go")
     seed: int = setting(0, "the same seed and settings give the same files, byte for byte")
     augment: bool = setting(True, "sample styles from the rendering envelope (docs/SPEC.md)")
+    looks: str = setting("classic", "classic: dark ink on light grounds; wide: also dark mode, coloured grounds, "
+                                    "pen strokes and phone photos (docs/SPEC.md)")
     size: int | None = setting(None, "image side in pixels (unset: the DSL's SIZE, else 224)")
     damage: float = setting(0.8, "share of training images also damaged (damage.py), to read real pictures; "
                                  "test.csv stays clean")
@@ -115,7 +117,8 @@ def write_split(rows, csv_path: Path, args: Arguments, damage_share: float = 0.0
     and whether (and how) the picture is damaged. Pictures are drawn by a process per
     core (each from its own rng: the files are the same whatever the number); the CSV
     comes last, once every picture it names is in place."""
-    jobs = [(args.dsl, csv_path.parent, name, item, rng, args.augment, args.size, damage_share)
+    augment = args.looks if args.augment else False  # the DSL's draw takes the look it augments with
+    jobs = [(args.dsl, csv_path.parent, name, item, rng, augment, args.size, damage_share)
             for name, item, rng in rows]
     try:
         with multiprocessing.Pool(min(os.cpu_count() or 1, 8)) as pool:
@@ -134,7 +137,7 @@ def draw(job) -> list[str]:
     language = language_of(dsl_name)
     image = language.part("draw")(item, size, rng, augment)
     if rng.random() < damage_share:
-        image = damage.random_damage(image, rng)
+        image = damage.random_damage(image, rng, wide=augment == "wide")
     with files.replacing(out_dir / "images" / name, durable=False) as temporary:  # synced all at once
         image.save(temporary)
     return [f"images/{name}", language.part("text_of")(item)]
@@ -156,6 +159,8 @@ def check(args: Arguments) -> str | None:
         return "--num_samples and --num_test cannot be negative"
     if args.num_samples + args.num_test == 0:
         return "nothing to generate: --num_samples and --num_test are both 0"
+    if args.looks not in ("classic", "wide"):
+        return f"--looks must be classic or wide, not {args.looks!r}"
     try:
         language = language_of(args.dsl)
     except ValueError as error:

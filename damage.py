@@ -122,16 +122,19 @@ def check(kind: str, image: Image.Image, seed: int, index: int) -> Image.Image:
 
 # How often random_damage applies each kind. Geometry comes most often: photometric damage
 # is read through without training on it, shifts and zooms are not (docs/LOG.md).
-DAMAGE_ODDS = {"sheet": 1 / 6, "shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "perspective": 1 / 4, "light": 1 / 4,
-               "cast": 1 / 5, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
+DAMAGE_ODDS = {"shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
+# The wide envelope's (create_images.py --looks wide): a phone's photos of sheets and screens too.
+WIDE_DAMAGE_ODDS = {"sheet": 1 / 6, "shift": 3 / 4, "zoom": 1 / 4, "rotate": 1 / 3, "perspective": 1 / 4,
+                    "light": 1 / 4, "cast": 1 / 5, "blur": 1 / 4, "noise": 1 / 4, "jpeg": 1 / 4}
 
 
-def random_damage(image: Image.Image, rng: random.Random) -> Image.Image:
+def random_damage(image: Image.Image, rng: random.Random, wide: bool = False) -> Image.Image:
     """For training: each kind of damage with its DAMAGE_ODDS, at a random strength up to a
     little beyond CHECKS' (geometry first, then blur, noise and compression, as a camera or
     an export would), and at least one."""
     side = image.width
-    kinds = [k for k, odds in DAMAGE_ODDS.items() if rng.random() < odds] or [rng.choice(list(DAMAGE_ODDS))]
+    odds_of = WIDE_DAMAGE_ODDS if wide else DAMAGE_ODDS
+    kinds = [k for k, odds in odds_of.items() if rng.random() < odds] or [rng.choice(list(odds_of))]
     if "sheet" in kinds:  # a sheet photographed on a table
         background = image.getpixel((0, 0))
         surface = background

@@ -6,8 +6,8 @@
 Each of the four positions is a quadrant of side q = size/2. An element's
 bounding box is 0.80q / 0.55q / 0.30q (Large / Medium / Small), centred in its
 quadrant. `Style()` is the nominal look (black 3 px outline on white);
-`random_style(rng)` samples the whole envelope SPEC allows when augmenting: inks and
-grounds of any colour with enough contrast (dark mode included), and pen strokes.
+`random_style(rng)` samples the envelope SPEC allows when augmenting; with wide=True,
+also inks and grounds of any colour with enough contrast (dark mode) and pen strokes.
 """
 
 from __future__ import annotations
@@ -51,12 +51,18 @@ def grey(colour: tuple[int, int, int]) -> float:
     return 0.299 * r + 0.587 * g + 0.114 * b
 
 
-def random_style(rng: random.Random) -> Style:
-    """A style drawn from the whole envelope: outline 1-6 px (by pen, a third of outlines)
-    or filled, with jitter, in one of three looks: dark ink on a light ground (half the
-    pictures; the ink's lightness drawn first, uniformly, so greys near 100 are as common
-    as black), light ink on a dark ground (dark mode), or any ink on any ground that differ
-    by MIN_CONTRAST in grey level."""
+def random_style(rng: random.Random, wide: bool = False) -> Style:
+    """A style drawn from the envelope, with jitter. The classic one: outline 2-5 px or
+    filled, a dark ink (each channel <= 100; its lightness drawn first, uniformly, so greys
+    near 100 are as common as black), a light ground (each channel >= 220). The wide one
+    (pictures people bring): outline 1-6 px (by pen, a third of outlines) or filled, in one
+    of three looks: dark ink on a light ground (half), light ink on a dark ground (dark
+    mode), or any ink on any ground that differ by MIN_CONTRAST in grey level."""
+    if not wide:
+        lightness = rng.randint(0, 100)
+        return Style(filled=rng.random() < 0.5, stroke=rng.randint(2, 5),
+                     colour=tuple(max(0, lightness - rng.randint(0, 50)) for _ in range(3)),
+                     background=tuple(rng.randint(220, 255) for _ in range(3)), jitter=True)
     filled = rng.random() < 0.4
     look = rng.random()
     if look < 0.5:
@@ -153,9 +159,10 @@ def pen_stroke(path: list[tuple[float, float]], side: float, rng: random.Random)
 
 # ---------------------------------------------------------------------------- render and compare
 
-def draw(diagram: dsl.Diagram, size: int, rng: random.Random, augment: bool) -> Image.Image:
-    """A sampled diagram's picture (create_images.py): a style drawn from rng when augmenting."""
-    return render(diagram, size, random_style(rng) if augment else NOMINAL, rng)
+def draw(diagram: dsl.Diagram, size: int, rng: random.Random, augment: bool | str) -> Image.Image:
+    """A sampled diagram's picture (create_images.py): a style drawn from rng when augmenting,
+    from the wide envelope where augment is "wide"."""
+    return render(diagram, size, random_style(rng, wide=augment == "wide") if augment else NOMINAL, rng)
 
 
 def picture(text: str, size: int) -> Image.Image:

@@ -15,7 +15,8 @@ from conftest import ROOT
 
 diagrams = st.sampled_from(list(dsl.all_diagrams()))
 styles = st.one_of(st.just(renderer.NOMINAL),
-                   st.integers(0, 2**32 - 1).map(lambda seed: renderer.random_style(random.Random(seed))))
+                   st.builds(lambda seed, wide: renderer.random_style(random.Random(seed), wide),
+                             st.integers(0, 2**32 - 1), st.booleans()))
 # Side of the bounding box in units of q, with the +-0.03 q jitter SPEC allows.
 BANDS = {"Large": (0.77, 0.83), "Medium": (0.52, 0.58), "Small": (0.27, 0.33)}
 
@@ -117,7 +118,7 @@ def test_renderer_py_on_a_full_disk_says_so_in_one_line_and_leaves_nothing(full_
 
 
 def test_random_styles_keep_ink_and_ground_apart_in_every_look():
-    styles = [renderer.random_style(random.Random(seed)) for seed in range(2000)]
+    styles = [renderer.random_style(random.Random(seed), wide=True) for seed in range(2000)]
     assert all(abs(renderer.grey(s.colour) - renderer.grey(s.background)) >= renderer.MIN_CONTRAST for s in styles)
     dark_mode = [s for s in styles if renderer.grey(s.background) < renderer.grey(s.colour)]
     assert 0.25 < len(dark_mode) / len(styles) < 0.45  # dark mode, and light ink on coloured grounds
@@ -132,3 +133,8 @@ def test_agreement_sees_light_ink_on_a_dark_ground_and_a_pen_stroke():
         image = renderer.render(diagram, 224, style, random.Random(0))
         assert renderer.ink_by_quadrant(image) == [True, False, False, True]
         assert renderer.agreement(image, text) == 1.0
+
+
+def test_the_classic_envelope_keeps_dark_ink_on_a_light_ground_ruled():
+    styles = [renderer.random_style(random.Random(seed)) for seed in range(500)]
+    assert all(max(s.colour) <= 100 and min(s.background) >= 220 and 2 <= s.stroke <= 5 and not s.pen for s in styles)
