@@ -53,7 +53,7 @@ HUB_NAMES = {language_model.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # What the card says the model was trained with: what it is, not how training ran.
 CARD_SETTINGS = ("llm", "llm_layers", "clip_model", "clip_pretrained", "image_features", "clip_layer", "image_size",
                  "patch_merge", "projector", "image_positions", "lora_r", "lora_alpha", "lora_target_modules",
-                 "num_shots", "instruction", "target_format", "dsl")
+                 "num_shots", "instruction", "target_format", "dsl", "image_look")
 PATH_SETTINGS = ("llm", "clip_model", "clip_pretrained", "dsl")  # may name a local file or folder
 
 
@@ -105,6 +105,7 @@ def write_model(reader: DiagramReader, out: Path, dtype: str) -> dict:
         image.save(out / "examples" / f"{i}.png")
         examples.append({"image": f"examples/{i}.png", "dsl": text, "dsl_ids": reader.dsl_ids(text)})
     config = {"clip_model": name, "image_features": vision.features, "clip_layer": vision.layer,
+              "image_look": reader.config.image_look,
               "image_size": vision.visual.image_size[0], "patch_merge": reader.projector.patch_merge,
               "preprocess": vision.visual.preprocess_cfg, "instruction": reader.config.instruction,
               "instruction_ids": reader.instruction_ids, "image_start_id": reader.image_start_id,

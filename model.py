@@ -28,7 +28,8 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,6 +47,7 @@ IGNORE = -100  # label of a position without loss
 TARGET_FORMATS = ("tags", "text")
 READ_BATCH = 128  # pictures decoded together: short rows leave a small batch's matmuls little to do
 PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
+IMAGE_LOOKS = ("as_is", "normalised")
 PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
 
 
@@ -73,6 +75,8 @@ class ModelConfig:
                                           "mlp2x_gelu (LLaVA's), linear")
     image_positions: bool = setting(False, "add a learned embedding per image token: where it is (z-scoring "
                                            "removes CLIP's)")
+    image_look: str = setting("as_is", "as_is, or normalised: each picture grey, ink dark on a white ground, "
+                                       "its light evened out before CLIP (dark mode, colours, photos)")
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = setting(0.1, "dropout on the LoRA input")
@@ -97,6 +101,7 @@ class ModelConfig:
         check(self.image_features in ("patches", "pooled"), "image_features", self.image_features,
               "patches or pooled")
         check(self.projector in PROJECTORS, "projector", self.projector, ", ".join(PROJECTORS))
+        check(self.image_look in IMAGE_LOOKS, "image_look", self.image_look, ", ".join(IMAGE_LOOKS))
         check(self.target_format in TARGET_FORMATS, "target_format", self.target_format, ", ".join(TARGET_FORMATS))
         check(self.image_size >= 0, "image_size", self.image_size, "a side in pixels, or 0 for the encoder's own")
         check(self.patch_merge >= 1, "patch_merge", self.patch_merge, "at least 1 (1: no merging)")
@@ -157,6 +162,7 @@ class VisionEncoder(nn.Module):
         self.features = config.image_features
         blocks = len(self.visual.transformer.resblocks)
         self.layer = config.clip_layer % blocks
+        self.look = config.image_look
         with torch.no_grad():
             size = self.visual.image_size
             self.feature_shape = tuple(self(torch.zeros(1, 3, *size)).shape[1:])
@@ -183,8 +189,8 @@ class VisionEncoder(nn.Module):
         device = next(self.visual.parameters()).device
 
         def pixels(picture):
-            return self.preprocess(picture.convert("RGB") if isinstance(picture, Image.Image)
-                                   else data.load_image(picture))
+            picture = picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
+            return self.preprocess(normalise_look(picture) if self.look == "normalised" else picture)
 
         chunks = []
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -203,6 +209,21 @@ class VisionEncoder(nn.Module):
         with FlopCounterMode(display=False) as counter:
             self(torch.zeros(1, 3, *self.visual.image_size, device=next(self.visual.parameters()).device))
         return counter.get_total_flops()
+
+
+def normalise_look(picture: Image.Image) -> Image.Image:
+    """The picture as dark ink on an even white ground, whatever its colours and light: grey;
+    inverted where the ground is darker than the ink (dark mode); divided by its ground's
+    light, estimated by a max filter (which removes thin ink) and a blur; stretched so that
+    the darkest ink is black."""
+    grey = picture.convert("L")
+    if np.median(np.asarray(grey)) < 128:
+        grey = ImageOps.invert(grey)
+    ground = grey.filter(ImageFilter.MaxFilter(9)).filter(ImageFilter.GaussianBlur(8))
+    even = np.asarray(grey, dtype=np.float32) / np.maximum(np.asarray(ground, dtype=np.float32), 1.0)
+    darkest = np.percentile(even, 1)
+    stretched = (even - darkest) / max(1.0 - darkest, 0.05)
+    return Image.fromarray((stretched.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
 
 
 def fingerprint(tensors) -> float:

@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +48,8 @@ class Reader:
 
     def image_tokens(self, pictures: list[Image.Image]) -> torch.Tensor:
         """Pictures -> image tokens [B, T, hidden]: one block's patch tokens (or the pooled embedding), projected."""
+        if self.config.get("image_look") == "normalised":
+            pictures = [normalise_look(picture) for picture in pictures]
         pixels = torch.stack([self.preprocess(picture) for picture in pictures]).to(self.device)
         if self.config["image_features"] == "pooled":  # the single CLIP embedding
             return project(self.visual(pixels)[:, None].float(), self.projector, 1).to(self.llm.dtype)
@@ -109,6 +112,18 @@ def project(x: torch.Tensor, projector, patch_merge: int) -> torch.Tensor:
     else:  # mlp2x_gelu: LLaVA's two layers with a GELU between
         x = F.linear(F.gelu(F.linear(x.flatten(-2), projector["mlp.0.weight"], projector["mlp.0.bias"])), projector["mlp.2.weight"], projector["mlp.2.bias"])
     return x + projector["positions"] if "positions" in projector else x
+
+
+def normalise_look(picture: Image.Image) -> Image.Image:
+    """Dark ink on an even white ground: grey, inverted where the ground is dark, divided by the ground's light, stretched."""
+    grey = picture.convert("L")
+    if np.median(np.asarray(grey)) < 128:
+        grey = ImageOps.invert(grey)
+    ground = grey.filter(ImageFilter.MaxFilter(9)).filter(ImageFilter.GaussianBlur(8))
+    even = np.asarray(grey, dtype=np.float32) / np.maximum(np.asarray(ground, dtype=np.float32), 1.0)
+    darkest = np.percentile(even, 1)
+    stretched = (even - darkest) / max(1.0 - darkest, 0.05)
+    return Image.fromarray((stretched.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
 
 
 def load_module(path: Path):

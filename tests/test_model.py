@@ -311,3 +311,30 @@ def test_constrained_decoding_writes_valid_dsl_even_untrained_and_on_noise(tiny_
     assert all(0 < c <= 1 for c in confidences)
     free, _ = reader.read_features(features, batch_size=4, constrained=False)
     assert not all(dsl.is_valid(t) for t in free)  # without the grammar an untrained model writes anything
+
+
+def test_a_normalised_look_is_dark_ink_on_an_even_white_ground():
+    import damage
+    import renderer
+
+    text = "<StartDiagram> <Large> <Circle> <TopLeft> <Small> <Triangle> <BottomRight> <EndDiagram>"
+    nominal = np.asarray(renderer.render(dsl.parse(text)).convert("L"))
+    looks = [renderer.Style(colour=(230, 230, 200), background=(15, 20, 30)),  # dark mode
+             renderer.Style(colour=(200, 30, 30), background=(120, 220, 120))]  # red on green
+    for style in looks:
+        picture = damage.uneven_light(renderer.render(dsl.parse(text), 224, style), 0.6, random.Random(0))
+        normalised = np.asarray(model.normalise_look(picture).convert("L")).astype(int)
+        ink, ground = normalised[nominal < 128], normalised[nominal >= 128]
+        assert np.median(ink) < 90 and np.percentile(ground, 5) > 200, style  # the light evened out
+    assert model.normalise_look(Image.new("RGB", (64, 64), (40, 40, 40))).size == (64, 64)  # a blank picture
+
+
+def test_read_py_normalises_a_look_as_the_model_does():
+    import read_exported
+    import renderer
+
+    rng = random.Random(1)
+    for _ in range(4):
+        picture = renderer.render(dsl.sample_diagram(rng), 224, renderer.random_style(rng, wide=True), rng)
+        assert np.array_equal(np.asarray(read_exported.normalise_look(picture)),
+                              np.asarray(model.normalise_look(picture)))
