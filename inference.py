@@ -84,6 +84,11 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
     return readings
 
 
+def doubtful(confidence: float, agreement: float | None, below: float) -> bool:
+    """The doubt flag: a confidence below `below`, or ink that disagrees with the reading."""
+    return confidence < below or (agreement is not None and agreement < 1)
+
+
 def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,
                         size: int = 224) -> Image.Image:
     """The input (a picture or its file), and beside it the prediction drawn by the DSL's
@@ -216,11 +221,10 @@ def main(args: Arguments, image_args: list[str]) -> int:
         print(f"# {path} (confidence {reading.confidence:.3f}{agreement_note(reading.agreement)})\n"
               f"{reading.dsl.rstrip()}")
     if args.flag_below:
-        doubtful = [(p, c, a) for p, c, a in zip(paths, confidences, agreements)
-                    if c < args.flag_below or (a is not None and a < 1)]
-        print(f"{len(doubtful)} doubtful of {len(paths)} (confidence below {args.flag_below}, or ink that "
+        flagged = [(p, c, a) for p, c, a in zip(paths, confidences, agreements) if doubtful(c, a, args.flag_below)]
+        print(f"{len(flagged)} doubtful of {len(paths)} (confidence below {args.flag_below}, or ink that "
               "disagrees with the prediction):", file=sys.stderr)
-        for path, confidence, agrees in doubtful:
+        for path, confidence, agrees in flagged:
             print(f"  {path}: confidence {confidence:.3f}{agreement_note(agrees)}", file=sys.stderr)
 
     if args.out:

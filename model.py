@@ -243,6 +243,12 @@ def patch_grid_problem(tokens: int, merge: int) -> str | None:
     return None
 
 
+def merged_shape(feature_shape: tuple[int, int], merge: int) -> tuple[int, int]:
+    """(tokens, width) of the features once each merge x merge block of patches is one token."""
+    tokens, width = feature_shape
+    return tokens // merge ** 2, width * merge ** 2
+
+
 def merge_patches(features: torch.Tensor, merge: int) -> torch.Tensor:
     """[..., g * g, D] patch tokens, row by row -> [..., (g / k)^2, k * k * D]: each k x k block of
     neighbours as one token (k = merge), k*k fewer tokens for the LLM (nanoVLM's pixel shuffle)."""
@@ -273,7 +279,7 @@ class Projector(nn.Module):
             raise ValueError(f"patch_merge {patch_merge} {problem}; pick an image_size that makes it divide "
                              "(ViT-B-32: 256 px for 8 x 8)")
         self.patch_merge = patch_merge
-        tokens, width = tokens // patch_merge ** 2, width * patch_merge ** 2  # of the merged tokens
+        tokens, width = merged_shape(feature_shape, patch_merge)
         self.register_buffer("feature_mean", torch.zeros(tokens, width))
         self.register_buffer("feature_std", torch.ones(tokens, width))
         self.patches = patch_merge ** 2 if kind == "patch_mlp" else 1  # LayerNorm'd one by one
@@ -377,9 +383,8 @@ class DiagramReader(nn.Module):
                                           f"({config.clip_model} / {config.clip_pretrained})"):
             vision = VisionEncoder(config)
         merge = config.patch_merge if config.image_features == "patches" else 1
-        tokens, width = vision.feature_shape
         clip_facts = {"clip_fingerprint": fingerprint(vision.visual.parameters()),
-                      "feature_shape": [tokens // merge ** 2, width * merge ** 2]}  # the projector's tokens
+                      "feature_shape": list(merged_shape(vision.feature_shape, merge))}  # the projector's tokens
         checkpoint.check_same_models(identity, clip_facts, f"CLIP {config.clip_model} / {config.clip_pretrained}")
         with checkpoint.loading(saved and f"the base LLM {config.llm!r} of this checkpoint"):
             llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit,

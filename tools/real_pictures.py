@@ -548,8 +548,10 @@ def shape_position_scores(predictions: list[str], references: list[str]) -> dict
 
 
 def doubtful(confidence: float, agreement: float | None) -> bool:
-    """The doubt flag: inference's confidence below 0.9, or ink that disagrees with the reading."""
-    return confidence < DOUBT_CONFIDENCE or (agreement is not None and agreement < 1)
+    """inference.py's doubt flag at --flag_below 0.9: confidence below it, or ink that disagrees."""
+    import inference  # here, not at the top: drawing alone needs neither torch nor the model's code
+
+    return inference.doubtful(confidence, agreement, DOUBT_CONFIDENCE)
 
 
 def flag_quality(right: list[bool], flagged: list[bool]) -> dict:
