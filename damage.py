@@ -56,10 +56,7 @@ def fade(image: Image.Image, amount: float) -> Image.Image:
 def zoom_out(image: Image.Image, scale: float) -> Image.Image:
     """The picture shrunk about its centre, the margin filled with the background: every
     shape smaller and nearer the centre than the envelope draws it."""
-    side = round(image.width * scale)
-    out = Image.new("RGB", image.size, image.getpixel((0, 0)))
-    out.paste(image.resize((side, side), Image.BICUBIC), ((image.width - side) // 2, (image.height - side) // 2))
-    return out
+    return on_a_surface(image, scale, image.getpixel((0, 0)))
 
 
 def perspective(image: Image.Image, reach: float, rng: random.Random) -> Image.Image:
@@ -78,13 +75,17 @@ def uneven_light(image: Image.Image, darkest: float, rng: random.Random) -> Imag
     angle = rng.uniform(0, 2 * np.pi)
     y, x = np.mgrid[0:side, 0:side] / side - 0.5
     along = (x * np.cos(angle) + y * np.sin(angle)) / np.sqrt(0.5) * 0.5 + 0.5  # 0 to 1 across
-    light = 1 - (1 - darkest) * along
-    return Image.fromarray((np.asarray(image).astype(float) * light[..., None]).clip(0, 255).astype(np.uint8))
+    return scaled(image, (1 - (1 - darkest) * along)[..., None])
 
 
 def colour_cast(image: Image.Image, gains: tuple[float, float, float]) -> Image.Image:
     """Each channel scaled by its gain: a lamp's or a screen's tint."""
-    return Image.fromarray((np.asarray(image).astype(float) * np.array(gains)).clip(0, 255).astype(np.uint8))
+    return scaled(image, np.array(gains))
+
+
+def scaled(image: Image.Image, factor: np.ndarray) -> Image.Image:
+    """Every pixel's channels times `factor` (broadcast over [H, W, 3]), kept within 0-255."""
+    return Image.fromarray((np.asarray(image).astype(float) * factor).clip(0, 255).astype(np.uint8))
 
 
 def on_a_surface(image: Image.Image, scale: float, surface: tuple[int, int, int]) -> Image.Image:
