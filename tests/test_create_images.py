@@ -205,7 +205,8 @@ def test_a_killed_run_leaves_each_csv_whole_and_naming_its_own_pictures(tmp_path
                     picture = row.image_path.relative_to(out).as_posix()
                     assert left[picture] == versions[version][picture], f"{name} names a picture of another run"
 
-    kill_at_random_points(write, check, kills=20, seed=3, before=lay_old)
+    # 40 kills: the window in which data.csv is absent is short beside start-up, and 20 missed it now and then.
+    kill_at_random_points(write, check, kills=40, seed=3, before=lay_old)
     assert seen["data.csv", "absent"], f"no kill landed inside a run: {seen}"
     (out / f"{files.TEMPORARY}999-data.csv").write_text("half a CSV")  # what a kill leaves
     (out / "images" / f"{files.TEMPORARY}999-train_00000.png").write_bytes(b"half a picture")
