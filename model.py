@@ -47,7 +47,7 @@ IGNORE = -100  # label of a position without loss
 TARGET_FORMATS = ("tags", "text")
 READ_BATCH = 128  # pictures decoded together: short rows leave a small batch's matmuls little to do
 PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
-IMAGE_LOOKS = ("as_is", "normalised")
+IMAGE_LOOKS = ("as_is", "normalised", "scanned")
 PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
 
 
@@ -75,8 +75,8 @@ class ModelConfig:
                                           "mlp2x_gelu (LLaVA's), linear")
     image_positions: bool = setting(False, "add a learned embedding per image token: where it is (z-scoring "
                                            "removes CLIP's)")
-    image_look: str = setting("as_is", "as_is, or normalised: each picture grey, ink dark on a white ground, "
-                                       "its light evened out before CLIP (dark mode, colours, photos)")
+    image_look: str = setting("as_is", "as_is; normalised: each picture grey, ink dark on a white ground, its "
+                                       "light evened out before CLIP; scanned: a sheet on a surface cropped, then so")
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = setting(0.1, "dropout on the LoRA input")
@@ -190,7 +190,7 @@ class VisionEncoder(nn.Module):
 
         def pixels(picture):
             picture = picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
-            return self.preprocess(normalise_look(picture) if self.look == "normalised" else picture)
+            return self.preprocess(look(picture, self.look))
 
         chunks = []
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -211,6 +211,13 @@ class VisionEncoder(nn.Module):
         return counter.get_total_flops()
 
 
+def look(picture: Image.Image, image_look: str) -> Image.Image:
+    """The picture as CLIP gets it, by ModelConfig.image_look."""
+    if image_look == "scanned":
+        picture = crop_to_sheet(picture)
+    return picture if image_look == "as_is" else normalise_look(picture)
+
+
 def normalise_look(picture: Image.Image) -> Image.Image:
     """The picture as dark ink on an even white ground, whatever its colours and light: grey;
     inverted where the ground is darker than the ink (dark mode); divided by its ground's
@@ -224,6 +231,64 @@ def normalise_look(picture: Image.Image) -> Image.Image:
     darkest = np.percentile(even, 1)
     stretched = (even - darkest) / max(1.0 - darkest, 0.05)
     return Image.fromarray((stretched.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
+
+
+SHEET_WORK_SIDE = 112  # the sheet is looked for on a picture this small: fast, and noise averaged away
+SURFACE_STEP = 10  # the most two neighbouring pixels of the surface differ, in any channel (0-255)
+SURFACE_FAR = 70  # the most a pixel of the surface differs from the edge's colour (uneven light)
+PAPER_APART = 28  # the least the sheet's colour differs from the surface's
+
+
+def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) of a sheet lying on a surface that shows around it,
+    as a phone photographs a printout: or None where there is no such surface. The surface
+    is what reaches the frame's edge: the pixels joined to the edge through pixels of the
+    edge's colour. What they surround is the sheet where it is large (at least 0.6 of the
+    frame each way, not all of it), solid (0.85 of its box) and of another colour than the
+    surface (its paper). A diagram on its own ground is none of these: what its ground
+    surrounds is ink and the insides of outlines, of the ground's colour."""
+    side = SHEET_WORK_SIDE
+    small = np.asarray(picture.convert("RGB").resize((side, side), Image.BOX).filter(ImageFilter.GaussianBlur(1)),
+                       dtype=np.int16)
+    edge = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
+    surface = np.median(edge, axis=0)
+    like = np.abs(small - surface).max(-1) <= SURFACE_FAR  # the surface, under uneven light
+    # Neighbours that differ little: the surface goes on (a gradient of light), no sheet edge between.
+    down = np.abs(small[1:] - small[:-1]).max(-1) <= SURFACE_STEP
+    across = np.abs(small[:, 1:] - small[:, :-1]).max(-1) <= SURFACE_STEP
+    reached = np.zeros_like(like)
+    reached[[0, -1], :], reached[:, [0, -1]] = like[[0, -1], :], like[:, [0, -1]]
+    while True:  # grow from the edge, 4-connected
+        grown = reached.copy()
+        grown[1:] |= reached[:-1] & down
+        grown[:-1] |= reached[1:] & down
+        grown[:, 1:] |= reached[:, :-1] & across
+        grown[:, :-1] |= reached[:, 1:] & across
+        grown &= like
+        if (grown == reached).all():
+            break
+        reached = grown
+    inside = ~reached
+    rows, columns = np.flatnonzero(inside.mean(1) > 0.1), np.flatnonzero(inside.mean(0) > 0.1)
+    if not len(rows) or not len(columns):
+        return None
+    top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    height, width = bottom - top, right - left
+    if min(height, width) < 0.6 * side or min(height, width) > 0.97 * side:
+        return None
+    box = inside[top:bottom, left:right]
+    paper = np.median(small[top:bottom, left:right][box], axis=0)
+    if box.mean() < 0.85 or np.abs(paper - surface).max() <= PAPER_APART:
+        return None
+    scale_x, scale_y = picture.width / side, picture.height / side
+    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+
+
+def crop_to_sheet(picture: Image.Image) -> Image.Image:
+    """The picture cropped to the sheet it shows on a surface (find_sheet), at its own size; as
+    it is where it shows none."""
+    box = find_sheet(picture)
+    return picture if box is None else picture.crop(box).resize(picture.size, Image.BICUBIC)
 
 
 def fingerprint(tensors) -> float:
