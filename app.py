@@ -102,7 +102,7 @@ def page(reader, args: Arguments, examples: list[str]):
                     if examples:
                         gr.Examples(examples, upload, label=f"{Path(args.examples_csv).name}'s pictures")
                 with gr.Tab("Draw"):
-                    sketch = gr.Sketchpad(type="pil", label="diagram", canvas_size=(448, 448),
+                    sketch = gr.Sketchpad(type="pil", label="diagram", canvas_size=(448, 448), elem_id="sketch",
                                           brush=gr.Brush(colors=["#202020"], color_mode="fixed", default_size=4))
                     button = gr.Button("Read the drawing")
             with gr.Column():

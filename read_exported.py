@@ -48,7 +48,9 @@ class Reader:
 
     def image_tokens(self, pictures: list[Image.Image]) -> torch.Tensor:
         """Pictures -> image tokens [B, T, hidden]: one block's patch tokens (or the pooled embedding), projected."""
-        if self.config.get("image_look") == "normalised":
+        if self.config.get("image_look") == "scanned":  # a sheet on a surface: cropped to the sheet
+            pictures = [crop_to_sheet(picture) for picture in pictures]
+        if self.config.get("image_look") in ("normalised", "scanned"):
             pictures = [normalise_look(picture) for picture in pictures]
         pixels = torch.stack([self.preprocess(picture) for picture in pictures]).to(self.device)
         if self.config["image_features"] == "pooled":  # the single CLIP embedding
@@ -112,6 +114,57 @@ def project(x: torch.Tensor, projector, patch_merge: int) -> torch.Tensor:
     else:  # mlp2x_gelu: LLaVA's two layers with a GELU between
         x = F.linear(F.gelu(F.linear(x.flatten(-2), projector["mlp.0.weight"], projector["mlp.0.bias"])), projector["mlp.2.weight"], projector["mlp.2.bias"])
     return x + projector["positions"] if "positions" in projector else x
+
+
+SHEET_WORK_SIDE = 112  # the sheet is looked for on a picture this small: fast, and noise averaged away
+SURFACE_STEP = 10  # the most two neighbouring pixels of the surface differ, in any channel (0-255)
+SURFACE_FAR = 70  # the most a pixel of the surface differs from the edge's colour (uneven light)
+PAPER_APART = 28  # the least the sheet's colour differs from the surface's
+
+
+def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box of a sheet lying on a surface that shows around it (the surface grown from the frame's edge), or None."""
+    side = SHEET_WORK_SIDE
+    small = np.asarray(picture.convert("RGB").resize((side, side), Image.BOX).filter(ImageFilter.GaussianBlur(1)),
+                       dtype=np.int16)
+    edge = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
+    surface = np.median(edge, axis=0)
+    like = np.abs(small - surface).max(-1) <= SURFACE_FAR  # the surface, under uneven light
+    # Neighbours that differ little: the surface goes on (a gradient of light), no sheet edge between.
+    down = np.abs(small[1:] - small[:-1]).max(-1) <= SURFACE_STEP
+    across = np.abs(small[:, 1:] - small[:, :-1]).max(-1) <= SURFACE_STEP
+    reached = np.zeros_like(like)
+    reached[[0, -1], :], reached[:, [0, -1]] = like[[0, -1], :], like[:, [0, -1]]
+    while True:  # grow from the edge, 4-connected
+        grown = reached.copy()
+        grown[1:] |= reached[:-1] & down
+        grown[:-1] |= reached[1:] & down
+        grown[:, 1:] |= reached[:, :-1] & across
+        grown[:, :-1] |= reached[:, 1:] & across
+        grown &= like
+        if (grown == reached).all():
+            break
+        reached = grown
+    inside = ~reached
+    rows, columns = np.flatnonzero(inside.mean(1) > 0.1), np.flatnonzero(inside.mean(0) > 0.1)
+    if not len(rows) or not len(columns):
+        return None
+    top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    height, width = bottom - top, right - left
+    if min(height, width) < 0.6 * side or min(height, width) > 0.97 * side:
+        return None
+    box = inside[top:bottom, left:right]
+    paper = np.median(small[top:bottom, left:right][box], axis=0)
+    if box.mean() < 0.85 or np.abs(paper - surface).max() <= PAPER_APART:
+        return None
+    scale_x, scale_y = picture.width / side, picture.height / side
+    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+
+
+def crop_to_sheet(picture: Image.Image) -> Image.Image:
+    """The picture cropped to the sheet it shows on a surface, at its own size; as it is where it shows none."""
+    box = find_sheet(picture)
+    return picture if box is None else picture.crop(box).resize(picture.size, Image.BICUBIC)
 
 
 def normalise_look(picture: Image.Image) -> Image.Image:

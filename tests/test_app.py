@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import dsl
 import languages
 import renderer
 from conftest import ROOT
 from test_finetune import run_script, tiny_args
+from tools import sketchpad
+from tools.sketchpad import CHROMEDRIVER, CHROMIUM, free_port
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +53,7 @@ def browser():
         pytest.fail(f"no {' and '.join(missing)} in CI: .ci/run installs Debian's chromium and chromium-driver")
     if missing:
         pytest.skip(f"no {' and '.join(missing)}: apt-get install chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return sketchpad.open_browser()
 
 
 def wait_for_page(url: str, server: subprocess.Popen, log: Path, seconds: float = 120):
@@ -238,6 +224,60 @@ def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_p
     assert app.drawing({"composite": empty}) is None and app.drawing(None) is None
     empty.putpixel((10, 10), (0, 0, 0, 255))
     assert app.drawing({"composite": empty}) is not None
+
+
+class RecordingReader(FixedReader):
+    """The stand-in that keeps every picture it is given."""
+
+    def __init__(self, confidence):
+        super().__init__(confidence)
+        self.pictures = []
+
+    def read_pictures(self, pictures, batch_size, constrained, progress):
+        self.pictures += pictures
+        return super().read_pictures(pictures, batch_size, constrained, progress)
+
+
+def ink_box(picture: Image.Image, left: int, top: int, side: int) -> tuple | None:
+    """The box of the dark pixels in one square of a picture, in the picture's pixels."""
+    box = ImageOps.invert(picture.convert("L").crop((left, top, left + side, top + side))).point(
+        lambda v: 255 if v > 96 else 0).getbbox()
+    return box and (box[0] + left, box[1] + top, box[2] + left, box[3] + top)
+
+
+def test_the_sketchpad_hands_the_reader_what_the_mouse_drew(tmp_path, monkeypatch):
+    """tools/sketchpad.py's mouse strokes, in chromium, reach the reader as the drawing: in each
+    quadrant the ink spans the element's box (docs/SPEC.md's size, centred), and nothing is in
+    an empty one; the page shows the reader's reading. tools/sketchpad.py --checkpoint runs the
+    same strokes with a trained model (docs/LOG.md)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    driver = browser()
+    reader = RecordingReader(0.95)
+    page, url = sketchpad.serve(reader)
+    try:
+        assert len(sketchpad.DIAGRAMS) >= 5
+        for count, text in enumerate(sketchpad.DIAGRAMS, 1):
+            shown = sketchpad.draw_and_read(driver, url, text)
+            assert shown["dsl"] == FixedReader.dsl.rstrip() and shown["confidence"] == pytest.approx(0.95)
+            assert len(reader.pictures) == count
+            picture = reader.pictures[-1]
+            picture.save(tmp_path / f"drawn_{count}.png")
+            assert picture.size == (sketchpad.CANVAS, sketchpad.CANVAS)
+            drawn = {element.position: element for element in dsl.parse(text).elements}
+            half = sketchpad.CANVAS // 2
+            for position, (x, y) in zip(dsl.POSITIONS, [(0, 0), (half, 0), (0, half), (half, half)]):
+                box = ink_box(picture, x, y, half)
+                if position not in drawn:
+                    assert box is None, (count, position, box)
+                    continue
+                points = [p for stroke in sketchpad.strokes(drawn[position]) for p in stroke]
+                expected = (min(p[0] for p in points), min(p[1] for p in points),
+                            max(p[0] for p in points), max(p[1] for p in points))
+                assert box is not None and all(abs(a - b) <= 8 for a, b in zip(box, expected)), \
+                    (count, position, box, expected)
+    finally:
+        driver.quit()
+        page.close()
 
 
 # Every route of Gradio 6 that answers with a file: gradio_api/ is its API's prefix, the bare

@@ -338,3 +338,41 @@ def test_read_py_normalises_a_look_as_the_model_does():
         picture = renderer.render(dsl.sample_diagram(rng), 224, renderer.random_style(rng, wide=True), rng)
         assert np.array_equal(np.asarray(read_exported.normalise_look(picture)),
                               np.asarray(model.normalise_look(picture)))
+
+
+def test_a_sheet_on_a_surface_is_found_and_a_diagram_on_its_own_ground_is_not():
+    import damage
+    import renderer
+
+    rng = random.Random(3)
+    for _ in range(20):
+        picture = renderer.render(dsl.sample_diagram(rng), 224, renderer.random_style(rng, wide=True), rng)
+        assert model.find_sheet(picture) is None  # its ground reaches the edge: no surface
+        assert model.crop_to_sheet(picture) is picture
+        ground = picture.getpixel((0, 0))
+        surface = (40, 30, 20) if sum(ground) > 3 * 128 else (230, 220, 200)  # a desk far from the sheet's colour
+        side = round(224 * rng.uniform(0.7, 0.95))
+        offset = (224 - side) // 2
+        box = model.find_sheet(damage.on_a_surface(picture, side / 224, surface))
+        assert box is not None and max(abs(a - b) for a, b in
+                                       zip(box, (offset, offset, offset + side, offset + side))) <= 6, (box, side)
+    # The same under uneven light (the surface darker in one corner than in another) and noise.
+    lit = damage.noise(damage.uneven_light(damage.on_a_surface(picture, 0.8, surface), 0.6, rng), 8, rng)
+    assert model.find_sheet(lit) is not None and model.crop_to_sheet(lit).size == (224, 224)
+    # A blank picture, and one whose margin has the ground's own colour: nothing shows a sheet.
+    assert model.find_sheet(Image.new("RGB", (224, 224), (30, 30, 30))) is None
+    assert model.find_sheet(damage.on_a_surface(picture, 0.8, ground)) is None
+
+
+def test_read_py_finds_a_sheet_as_the_model_does():
+    import damage
+    import read_exported
+    import renderer
+
+    rng = random.Random(2)
+    for _ in range(4):
+        picture = renderer.render(dsl.sample_diagram(rng), 224, renderer.random_style(rng, wide=True), rng)
+        on_a_table = damage.on_a_surface(picture, rng.uniform(0.7, 0.95), (90, 60, 40))
+        for shown in (picture, on_a_table):
+            assert read_exported.find_sheet(shown) == model.find_sheet(shown)
+            assert np.array_equal(np.asarray(read_exported.crop_to_sheet(shown)), np.asarray(model.crop_to_sheet(shown)))

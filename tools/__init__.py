@@ -9,6 +9,8 @@
     python -m tools.real_pictures    held-out diagrams as people bring them: sketch, photo, margins, dark; scored
     python -m tools.learning_curve   validation scores against images seen, from runs' log.jsonl
     python -m tools.vision_probe     what the image tokens say, read by the quadrant head alone (no LLM)
+    python -m tools.llm_probe        the LLM side alone (Mermaid): image tokens built from the text, not CLIP
+    python -m tools.sketchpad        the page's sketchpad in chromium: diagrams drawn with the mouse, read
     python -m tools.grammar_cost     what decoding by the DSL's grammar costs, a share of a generation step
     python -m tools.gpu_proof        the reference configuration's path on a CUDA GPU
 """
