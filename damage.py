@@ -142,8 +142,8 @@ def random_damage(image: Image.Image, rng: random.Random, wide: bool = False) ->
         while abs(sum(surface) - sum(background)) < 3 * 40:
             surface = tuple(rng.randint(0, 255) for _ in range(3))
         image = on_a_surface(image, rng.uniform(0.7, 0.95), surface)
-    elif "zoom" in kinds:  # a picture exported or scanned at a slightly smaller scale
-        image = zoom_out(image, rng.uniform(0.9, 1.0))
+    elif "zoom" in kinds:  # a picture exported at a smaller scale; wide: the diagram 70-100% of the frame
+        image = zoom_out(image, rng.uniform(0.7 if wide else 0.9, 1.0))
     if "shift" in kinds:
         reach = round(0.05 * side)  # 11 px at 224
         image = shift(image, rng.randint(-reach, reach), rng.randint(-reach, reach))
