@@ -1,5 +1,6 @@
 """A web page to try a checkpoint: upload a picture or draw a diagram; see its DSL, the prediction
-drawn beside it, the confidence, the agreement, and a flag when the reading is doubtful.
+drawn beside it, the confidence, the agreement, and a flag when the reading is doubtful (the
+confidence, or the picture head's probability of the reading, below --doubtful_below).
 
     python app.py --checkpoint checkpoints        # then open http://127.0.0.1:7860
 
@@ -31,7 +32,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported (i
 class Arguments:
     checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
-    doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence (or agreement below 1)")
+    doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence or picture check")
     port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
     host: str | None = setting(None, "the address (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0: all "
                                      "networks)")
@@ -76,12 +77,13 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
         return "", None, None, None, f"**Cannot read this picture**: {picture.width} x {picture.height} pixels, " \
                                      f"under {data.MIN_SIDE} on a side."
     reading = inference.read(reader, [picture])[0]
-    confidence, agreement = float(reading.confidence), reading.agreement  # None: the DSL cannot compare
+    confidence, agreement, check = float(reading.confidence), reading.agreement, reading.picture_check
     doubts = [f"confidence {confidence:.3f} is below {doubtful_below}"] if confidence < doubtful_below else []
-    if agreement is not None and agreement < 1:
-        doubts += [f"agreement {agreement:.2f}: the ink is not where the prediction draws"]
-    verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else
-               "**Confident**" + (", and the ink agrees." if agreement is not None else "."))
+    if check is not None and check < doubtful_below:
+        doubts += [f"the image tokens alone give it {check:.3f}"]
+    ink = ("" if agreement is None else " The ink agrees." if agreement == 1 else  # None: the DSL cannot compare
+           f" Not all the ink is where the prediction draws (agreement {agreement:.2f}).")
+    verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**.") + ink
     drawn = inference.render_side_by_side(picture, reading.dsl, reader.language)
     return (reading.dsl.rstrip(), drawn, round(confidence, 3), None if agreement is None else round(agreement, 2),
             verdict)

@@ -45,7 +45,7 @@ class Arguments:
     llm: str = setting("", "load the base LLM from here instead (the same model, moved)")
     skip_bad_rows: bool = setting(False, "read the good rows of a CSV with bad ones")
     constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
-    flag_below: float = setting(0.0, "list the doubtful images: confidence below this, or ink that disagrees")
+    flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
@@ -62,11 +62,14 @@ class Reading:
     # Render and compare, for a DSL that has it (diagram: share of quadrants where the picture has
     # ink exactly where the DSL draws an element); None for one without.
     agreement: float | None
+    # The picture head's probability of what the reading says, from the image tokens alone
+    # (DiagramReader.picture_check); None for a model without the head.
+    picture_check: float | None = None
 
 
 def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
          constrained: bool = True, progress=None) -> list[Reading]:
-    """Read pictures (PIL images or files): each one's DSL, confidence and agreement.
+    """Read pictures (PIL images or files): each one's DSL, confidence, agreement and picture check.
 
         reader = inference.load("checkpoints")
         for reading in inference.read(reader, ["example.png"]):
@@ -77,16 +80,20 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
     for start in range(0, len(pictures), PICTURES_IN_MEMORY):
         chunk = [picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
                  for picture in pictures[start:start + PICTURES_IN_MEMORY]]
-        texts, confidences = reader.read_pictures(chunk, batch_size, constrained, progress)
+        features = reader.vision.encode(chunk, progress=progress)
+        texts, confidences = reader.read_features(features, batch_size, constrained, progress)
+        checks = reader.picture_check(features, texts)
         readings += [Reading(language.canonical_or_raw(text), language.is_valid(text), confidence,
-                             agreement(picture, text) if agreement else None)
-                     for picture, text, confidence in zip(chunk, texts, confidences)]
+                             agreement(picture, text) if agreement else None, check)
+                     for picture, text, confidence, check in zip(chunk, texts, confidences, checks)]
     return readings
 
 
-def doubtful(confidence: float, agreement: float | None, below: float) -> bool:
-    """The doubt flag: a confidence below `below`, or ink that disagrees with the reading."""
-    return confidence < below or (agreement is not None and agreement < 1)
+def doubtful(confidence: float, picture_check: float | None, below: float) -> bool:
+    """The doubt flag: the LLM's confidence, or the picture head's probability of the reading,
+    below `below`. (Agreement is shown, not flagged: on photos and sheets its quadrants of the
+    frame are not the diagram's, and it flagged right readings more often than wrong ones.)"""
+    return confidence < below or (picture_check is not None and picture_check < below)
 
 
 def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,
@@ -185,8 +192,10 @@ def language_of(checkpoint_path: str | Path) -> languages.Language:
     return languages.load(read_json(folder / "config.json").get("dsl", "diagram"))
 
 
-def agreement_note(agreement: float | None) -> str:
-    return "" if agreement is None else f", agreement {agreement:.2f}"
+def notes(reading: Reading) -> str:
+    """", agreement 1.00, picture check 0.998": what a reading has beside its confidence."""
+    return ("" if reading.agreement is None else f", agreement {reading.agreement:.2f}") + \
+           ("" if reading.picture_check is None else f", picture check {reading.picture_check:.3f}")
 
 
 def main(args: Arguments, image_args: list[str]) -> int:
@@ -218,20 +227,20 @@ def main(args: Arguments, image_args: list[str]) -> int:
     confidences = [r.confidence for r in readings]
     agreements = [r.agreement for r in readings]
     for path, reading in zip(paths, readings):
-        print(f"# {path} (confidence {reading.confidence:.3f}{agreement_note(reading.agreement)})\n"
-              f"{reading.dsl.rstrip()}")
+        print(f"# {path} (confidence {reading.confidence:.3f}{notes(reading)})\n{reading.dsl.rstrip()}")
     if args.flag_below:
-        flagged = [(p, c, a) for p, c, a in zip(paths, confidences, agreements) if doubtful(c, a, args.flag_below)]
-        print(f"{len(flagged)} doubtful of {len(paths)} (confidence below {args.flag_below}, or ink that "
-              "disagrees with the prediction):", file=sys.stderr)
-        for path, confidence, agrees in flagged:
-            print(f"  {path}: confidence {confidence:.3f}{agreement_note(agrees)}", file=sys.stderr)
+        flagged = [(p, r) for p, r in zip(paths, readings) if doubtful(r.confidence, r.picture_check, args.flag_below)]
+        print(f"{len(flagged)} doubtful of {len(paths)} (confidence or picture check below {args.flag_below}):",
+              file=sys.stderr)
+        for path, reading in flagged:
+            print(f"  {path}: confidence {reading.confidence:.3f}{notes(reading)}", file=sys.stderr)
 
     if args.out:
         data.write_csv(args.out, ([str(path), reading.dsl, reading.valid, f"{reading.confidence:.4f}",
-                                   "" if reading.agreement is None else f"{reading.agreement:.2f}"]
+                                   "" if reading.agreement is None else f"{reading.agreement:.2f}",
+                                   "" if reading.picture_check is None else f"{reading.picture_check:.4f}"]
                                   for path, reading in zip(paths, readings)),
-                       ["image_path", "dsl", "valid", "confidence", "agreement"])
+                       ["image_path", "dsl", "valid", "confidence", "agreement", "picture_check"])
     if args.render:
         Path(args.render).mkdir(parents=True, exist_ok=True)
         for i, (path, prediction) in enumerate(zip(paths, predictions)):

@@ -650,6 +650,32 @@ class DiagramReader(nn.Module):
         features = self.vision.encode(pictures, progress=progress)
         return self.read_features(features, batch_size, constrained, progress)
 
+    @torch.no_grad()
+    def picture_check(self, features: torch.Tensor, texts: list[str]) -> list[float | None]:
+        """A second reader's word on each text: the probability the picture head (the picture
+        loss's, reading the image tokens alone) gives what the text says: for a DSL's regions,
+        the least it gives a region's content as written; for contents, the least it gives a
+        class being shown, or not, as written. None without a head, or for a text that does
+        not parse."""
+        projector = self.projector.eval()
+        if projector.quadrant_head is None:
+            return [None] * len(texts)
+        device = projector.feature_mean.device
+        logits = torch.cat([projector.quadrant_logits(projector(features[start:start + READ_BATCH].to(device)))
+                            for start in range(0, len(features), READ_BATCH)]).float().cpu()
+        checks = []
+        for row, text in zip(logits, texts):
+            if not self.language.is_valid(text):
+                checks.append(None)
+                continue
+            said = picture_targets(self.language, [text])[0]
+            if projector.region_grid:
+                probability = row.softmax(-1).gather(-1, said[:, None])[:, 0]
+            else:
+                probability = torch.where(said.bool(), row.sigmoid(), 1 - row.sigmoid())
+            checks.append(float(probability.min()))
+        return checks
+
     def trainable_parameters(self):
         """(LoRA weights, projector and new-token embeddings): the two learning-rate groups."""
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]

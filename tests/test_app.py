@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 import dsl
@@ -117,7 +118,8 @@ def test_the_page_reads_an_upload_as_inference_py_does(trained_run, tiny_dataset
     expected = run_script("inference.py", "--checkpoint", str(trained_run), "--dtype", "float32", str(picture))
     assert expected.returncode == 0, expected.stderr[-2000:]
     header, text = expected.stdout.split("\n", 1)
-    confidence, agreement = map(float, re.search(r"confidence ([\d.]+), agreement ([\d.]+)", header).groups())
+    confidence, agreement, check = map(float, re.search(r"confidence ([\d.]+), agreement ([\d.]+), picture check "
+                                                        r"([\d.]+)", header).groups())
 
     port, log = free_port(), tmp_path / "app.log"
     with open(log, "w") as stderr:
@@ -143,7 +145,7 @@ def test_the_page_reads_an_upload_as_inference_py_does(trained_run, tiny_dataset
         assert float(find(By.CSS_SELECTOR, "#confidence input").get_attribute("value")) == pytest.approx(confidence, abs=2e-3)
         assert float(find(By.CSS_SELECTOR, "#agreement input").get_attribute("value")) == pytest.approx(agreement, abs=1e-6)
         verdict = find(By.CSS_SELECTOR, "#verdict").text
-        assert verdict.startswith("Doubtful" if confidence < 0.9 or agreement < 1 else "Confident"), verdict
+        assert verdict.startswith("Doubtful" if confidence < 0.9 or check < 0.9 else "Confident"), verdict
 
         # Offline: the page asks nothing of any address but its own.
         requests = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
@@ -184,17 +186,26 @@ def test_a_full_disk_is_one_line_and_status_1_and_leaves_nothing(trained_run, ti
 
 class FixedReader:
     """A stand-in for DiagramReader that reads every picture as one large circle, top left, at
-    one confidence; the agreement is inference.read's own, of that reading and the picture."""
+    one confidence and picture check, and keeps the pictures it is given; the agreement is
+    inference.read's own, of that reading and the picture."""
 
     language = languages.load("diagram")
     dsl = "<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\n"
 
-    def __init__(self, confidence):
-        self.confidence = confidence
+    def __init__(self, confidence, check=None):
+        self.confidence, self.check, self.pictures = confidence, check, []
+        self.vision = self  # its own encoder
 
-    def read_pictures(self, pictures, batch_size, constrained, progress):
+    def encode(self, pictures, progress=None):
         assert all(isinstance(p, Image.Image) and p.mode == "RGB" for p in pictures)
-        return [self.dsl] * len(pictures), [self.confidence] * len(pictures)
+        self.pictures += pictures
+        return torch.zeros(len(pictures), 1, 1)
+
+    def read_features(self, features, batch_size, constrained, progress):
+        return [self.dsl] * len(features), [self.confidence] * len(features)
+
+    def picture_check(self, features, texts):
+        return [self.check] * len(texts)
 
 
 def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_path):
@@ -215,27 +226,19 @@ def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_p
 
     text, beside, confidence, agreement, verdict = app.read(reader, 0.9, str(tmp_path / "circle.png"))
     assert text == FixedReader.dsl.rstrip() and beside.size == (448, 224) and agreement == 1.0
-    assert verdict == "**Confident**, and the ink agrees."
+    assert verdict == "**Confident**. The ink agrees."
     assert app.read(FixedReader(0.5), 0.9, str(tmp_path / "circle.png"))[-1].startswith("**Doubtful**: confidence 0.500")
+    # The picture head doubts what the LLM is sure of: doubtful too; sure of it: not.
+    assert app.read(FixedReader(0.99, 0.4), 0.9, str(tmp_path / "circle.png"))[-1] == \
+        "**Doubtful**: the image tokens alone give it 0.400. The ink agrees."
+    assert app.read(FixedReader(0.99, 0.95), 0.9, str(tmp_path / "circle.png"))[-1].startswith("**Confident**")
     # A blank picture: the three empty quadrants agree with the reading, the top left does not.
-    assert "agreement 0.75" in app.read(FixedReader(0.99), 0.9, str(tmp_path / "blank.png"))[-1]
+    assert "(agreement 0.75)" in app.read(FixedReader(0.99), 0.9, str(tmp_path / "blank.png"))[-1]
     # An empty sketchpad is nothing drawn; a stroke on its transparent layer is a drawing, on white.
     empty = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     assert app.drawing({"composite": empty}) is None and app.drawing(None) is None
     empty.putpixel((10, 10), (0, 0, 0, 255))
     assert app.drawing({"composite": empty}) is not None
-
-
-class RecordingReader(FixedReader):
-    """The stand-in that keeps every picture it is given."""
-
-    def __init__(self, confidence):
-        super().__init__(confidence)
-        self.pictures = []
-
-    def read_pictures(self, pictures, batch_size, constrained, progress):
-        self.pictures += pictures
-        return super().read_pictures(pictures, batch_size, constrained, progress)
 
 
 def ink_box(picture: Image.Image, left: int, top: int, side: int) -> tuple | None:
@@ -252,7 +255,7 @@ def test_the_sketchpad_hands_the_reader_what_the_mouse_drew(tmp_path, monkeypatc
     same strokes with a trained model (docs/LOG.md)."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     driver = browser()
-    reader = RecordingReader(0.95)
+    reader = FixedReader(0.95)
     page, url = sketchpad.serve(reader)
     try:
         assert len(sketchpad.DIAGRAMS) >= 5

@@ -376,3 +376,20 @@ def test_read_py_finds_a_sheet_as_the_model_does():
         for shown in (picture, on_a_table):
             assert read_exported.find_sheet(shown) == model.find_sheet(shown)
             assert np.array_equal(np.asarray(read_exported.crop_to_sheet(shown)), np.asarray(model.crop_to_sheet(shown)))
+
+
+def test_the_picture_check_is_the_picture_heads_probability_of_a_reading(tiny_llm, tiny_clip):
+    torch.manual_seed(0)
+    reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip))
+    features = reader.vision.encode(noise_images(3))
+    text = "<StartDiagram>\n  <Large> <Circle> <TopLeft>\n<EndDiagram>\n"
+    checks = reader.picture_check(features, [text, text, "not a diagram"])
+    projector = reader.projector.eval()
+    with torch.no_grad():
+        probabilities = projector.quadrant_logits(projector(features[:2])).float().softmax(-1)
+    said = model.picture_targets(reader.language, [text])[0]
+    for check, row in zip(checks, probabilities):  # the least, over the quadrants, of the class written there
+        assert check == pytest.approx(float(row.gather(-1, said[:, None]).min()), abs=1e-6)
+    assert checks[2] is None
+    without_head = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, quadrant_loss=0))
+    assert without_head.picture_check(features, [text]) == [None]

@@ -48,10 +48,10 @@ pictures meets a drawing it has never seen. The kinds:
 
 With --checkpoint it reads each kind with the model (`inference.read`) and prints per kind:
 n, exact match, element F1 (the language's score), valid rate, for margin_no_edge exact
-match on shape and position only, and how good the doubt flag is there (the flag:
-confidence below 0.9 or agreement below 1): the share of wrong readings it catches and the
-share of right readings it flags (right: exact match; for margin_no_edge: shape and position
-right). The last line is one JSON object with all of it, to paste into docs/LOG.md.
+match on shape and position only, and how good the doubt flag is there (the flag: the
+confidence, or the picture head's probability of the reading, below 0.9): the share of
+wrong readings it catches and the share of right readings it flags (right: exact match;
+for margin_no_edge: shape and position right). The last line is one JSON object with all of it, to paste into docs/LOG.md.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ from settings import setting
 
 KINDS = ("sketch", "photo", "margin_edge", "margin_no_edge", "dark")
 SCORED_BY_SHAPE_AND_POSITION = ("margin_no_edge",)  # where size cannot be seen
-DOUBT_CONFIDENCE = 0.9  # the doubt flag: confidence below this, or agreement below 1
+DOUBT_CONFIDENCE = 0.9  # the doubt flag: confidence or picture check below this
 
 # docs/SPEC.md's rendering envelope, in quadrants (q = half the canvas side).
 QUADRANT_SHARE = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}  # side of the bounding box
@@ -547,11 +547,11 @@ def shape_position_scores(predictions: list[str], references: list[str]) -> dict
             "shape_position_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
 
 
-def doubtful(confidence: float, agreement: float | None) -> bool:
-    """inference.py's doubt flag at --flag_below 0.9: confidence below it, or ink that disagrees."""
+def doubtful(confidence: float, picture_check: float | None) -> bool:
+    """inference.py's doubt flag at --flag_below 0.9: confidence or picture check below it."""
     import inference  # here, not at the top: drawing alone needs neither torch nor the model's code
 
-    return inference.doubtful(confidence, agreement, DOUBT_CONFIDENCE)
+    return inference.doubtful(confidence, picture_check, DOUBT_CONFIDENCE)
 
 
 def flag_quality(right: list[bool], flagged: list[bool]) -> dict:
@@ -576,7 +576,7 @@ def score_kind(kind: str, readings, references: list[str], language) -> dict:
         result.update({k: v for k, v in shape_position_scores(predictions, references).items() if k != "n"})
         right = [shape_position_scores([p], [r])["shape_position_exact"] == 1 for p, r in zip(predictions, references)]
         judged_by = "shape_position"
-    flag = flag_quality(right, [doubtful(r.confidence, r.agreement) for r in readings])
+    flag = flag_quality(right, [doubtful(r.confidence, r.picture_check) for r in readings])
     result.update({f"flag_{k}": v for k, v in flag.items()}, flag_judged_by=judged_by)
     return result
 
@@ -620,7 +620,7 @@ def main(args: Arguments) -> dict | None:
         results[kind] = score_kind(kind, readings, references, reader.language)
         print_kind(kind, results[kind])
     summary = {"tool": "real_pictures", "checkpoint": args.checkpoint, "seed": args.seed, "num": args.num,
-               "size": args.size, "doubt_flag": f"confidence < {DOUBT_CONFIDENCE} or agreement < 1",
+               "size": args.size, "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}",
                "kinds": results}
     print(json.dumps(rounded(summary)))
     return summary
