@@ -172,6 +172,7 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(next(self.visual.parameters()).dtype)
         if self.features == "pooled":
             return self.visual(pixels)[:, None, :]
         # Patch tokens of one block, before the final LayerNorm, without the class token.
@@ -451,6 +452,7 @@ class DiagramReader(nn.Module):
         clip_facts = {"clip_fingerprint": fingerprint(vision.visual.parameters()),
                       "feature_shape": list(merged_shape(vision.feature_shape, merge))}  # the projector's tokens
         checkpoint.check_same_models(identity, clip_facts, f"CLIP {config.clip_model} / {config.clip_pretrained}")
+        vision.to(dtype)  # frozen, run in the LLM's dtype: bfloat16 encodes 2.9 times faster here (docs/LOG.md)
         with checkpoint.loading(saved and f"the base LLM {config.llm!r} of this checkpoint"):
             llm, tokenizer = language_model.load_llm(config.llm, dtype, config.llm_layers, load_in_4bit,
                                                      language.tokens)
