@@ -4,7 +4,7 @@ chromium (Debian's chromium and chromedriver, driven by selenium), read by a che
     python -m tools.sketchpad --checkpoint checkpoints
 
 Serves app.py's page with the checkpoint, draws each of DIAGRAMS on its sketchpad with the
-mouse (a circle as a polyline of short moves, a square and a triangle side by side, as a hand
+mouse (a circle as a 36-sided polyline, a square and a triangle a stroke per side, as a hand
 with a mouse draws them; sizes and centres from docs/SPEC.md), presses "Read the drawing",
 and prints each diagram, what the page read, and the confidence. The last line is one JSON
 object. tests/test_app.py draws the same strokes through the same code.
