@@ -78,9 +78,7 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
                                      f"under {data.MIN_SIDE} on a side."
     reading = inference.read(reader, [picture])[0]
     confidence, agreement, check = float(reading.confidence), reading.agreement, reading.picture_check
-    doubts = [f"confidence {confidence:.3f} is below {doubtful_below}"] if confidence < doubtful_below else []
-    if check is not None and check < doubtful_below:
-        doubts += [f"the image tokens alone give it {check:.3f}"]
+    doubts = inference.doubts(confidence, check, doubtful_below)
     ink = ("" if agreement is None else " The ink agrees." if agreement == 1 else  # None: the DSL cannot compare
            f" Not all the ink is where the prediction draws (agreement {agreement:.2f}).")
     verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**.") + ink

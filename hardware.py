@@ -67,8 +67,9 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, device: torch.devi
                   seconds: float = 0.05) -> float:
     """GFLOP/s of an [m, k] @ [k, n] matmul: one warm-up, then repeats for about `seconds`
     (at least one, however slow)."""
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
+    generator = torch.Generator().manual_seed(0)  # its own: timing leaves the run's random stream alone
+    a = torch.randn(m, k, generator=generator).to(device, dtype)
+    b = torch.randn(k, n, generator=generator).to(device, dtype)
     a @ b
     synchronize(device)
     start, repeats = time.perf_counter(), 0

@@ -89,11 +89,20 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
     return readings
 
 
+def doubts(confidence: float, picture_check: float | None, below: float) -> list[str]:
+    """Why a reading is doubtful, one phrase a reason: the LLM's confidence, or the picture head's
+    probability of the reading, below `below`; none when it is not. (Agreement is shown, not
+    flagged: on photos and sheets its quadrants of the frame are not the diagram's, and it
+    flagged right readings more often than wrong ones.)"""
+    reasons = [f"confidence {confidence:.3f} is below {below}"] if confidence < below else []
+    if picture_check is not None and picture_check < below:
+        reasons += [f"the image tokens alone give it {picture_check:.3f}"]
+    return reasons
+
+
 def doubtful(confidence: float, picture_check: float | None, below: float) -> bool:
-    """The doubt flag: the LLM's confidence, or the picture head's probability of the reading,
-    below `below`. (Agreement is shown, not flagged: on photos and sheets its quadrants of the
-    frame are not the diagram's, and it flagged right readings more often than wrong ones.)"""
-    return confidence < below or (picture_check is not None and picture_check < below)
+    """The doubt flag: any of `doubts`."""
+    return bool(doubts(confidence, picture_check, below))
 
 
 def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,

@@ -168,11 +168,20 @@ def elements(chart: Chart) -> dict[str, set]:
             "edge": {(chart.nodes[a].label, chart.nodes[b].label) for a, b in chart.edges}}
 
 
+def parts(chart: Chart) -> dict:
+    """A chart's parts, each compared whole by `score` to say what kind of error a reading makes."""
+    return {"direction": chart.direction, "node_count": len(chart.nodes),
+            "labels": {n.label for n in chart.nodes}, "nodes": elements(chart)["node"],
+            "edges": elements(chart)["edge"]}
+
+
 def score(predictions: list[str], references: list[str]) -> dict:
     """Exact match of canonical texts, node and edge precision / recall / F1 (summed over all
-    charts), and the share of predictions that parse."""
+    charts), the share of predictions that parse, and errors by kind: the share of charts
+    whose direction, node count, label set, nodes (label and shape) and edges are each right."""
     counts = {kind: [0, 0, 0] for kind in ("node", "edge")}  # true positives, predicted, referenced
     exact = valid = 0
+    right = dict.fromkeys(("direction", "node_count", "labels", "nodes", "edges"), 0)  # parts' keys
     for prediction, reference in zip(predictions, references, strict=True):
         chart, truth = parse_or_none(prediction), parse(reference)
         valid += chart is not None
@@ -182,8 +191,13 @@ def score(predictions: list[str], references: list[str]) -> dict:
             counts[kind][0] += len(got[kind] & expected)
             counts[kind][1] += len(got[kind])
             counts[kind][2] += len(expected)
+        if chart:
+            read, expected = parts(chart), parts(truth)
+            for part in right:
+                right[part] += read[part] == expected[part]
     scores = {"n": len(references), "exact_match": exact / max(1, len(references)),
               "valid_rate": valid / max(1, len(references))}
+    scores |= {f"{part}_right": hits / max(1, len(references)) for part, hits in right.items()}
     for kind, (hits, predicted, expected) in counts.items():
         precision, recall = hits / max(1, predicted), hits / max(1, expected)
         scores |= {f"{kind}_precision": precision, f"{kind}_recall": recall,
