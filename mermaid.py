@@ -171,17 +171,18 @@ def elements(chart: Chart) -> dict[str, set]:
 def parts(chart: Chart) -> dict:
     """A chart's parts, each compared whole by `score` to say what kind of error a reading makes."""
     return {"direction": chart.direction, "node_count": len(chart.nodes),
-            "labels": {n.label for n in chart.nodes}, "nodes": elements(chart)["node"],
-            "edges": elements(chart)["edge"]}
+            "labels": {n.label for n in chart.nodes}, "shapes": sorted(n.shape for n in chart.nodes),
+            "nodes": elements(chart)["node"], "edges": elements(chart)["edge"]}
 
 
 def score(predictions: list[str], references: list[str]) -> dict:
     """Exact match of canonical texts, node and edge precision / recall / F1 (summed over all
     charts), the share of predictions that parse, and errors by kind: the share of charts
-    whose direction, node count, label set, nodes (label and shape) and edges are each right."""
+    whose direction, node count, label set, shapes (as a multiset), nodes (label and shape)
+    and edges are each right."""
     counts = {kind: [0, 0, 0] for kind in ("node", "edge")}  # true positives, predicted, referenced
     exact = valid = 0
-    right = dict.fromkeys(("direction", "node_count", "labels", "nodes", "edges"), 0)  # parts' keys
+    right = dict.fromkeys(("direction", "node_count", "labels", "shapes", "nodes", "edges"), 0)  # parts' keys
     for prediction, reference in zip(predictions, references, strict=True):
         chart, truth = parse_or_none(prediction), parse(reference)
         valid += chart is not None
