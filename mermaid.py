@@ -170,9 +170,10 @@ def elements(chart: Chart) -> dict[str, set]:
 
 def parts(chart: Chart) -> dict:
     """A chart's parts, each compared whole by `score` to say what kind of error a reading makes."""
+    counted = elements(chart)
     return {"direction": chart.direction, "node_count": len(chart.nodes),
             "labels": {n.label for n in chart.nodes}, "shapes": sorted(n.shape for n in chart.nodes),
-            "nodes": elements(chart)["node"], "edges": elements(chart)["edge"]}
+            "nodes": counted["node"], "edges": counted["edge"]}
 
 
 def score(predictions: list[str], references: list[str]) -> dict:

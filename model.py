@@ -244,9 +244,9 @@ def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
     """The box (left, top, right, bottom) of a sheet lying on a surface that shows around it,
     as a phone photographs a printout: or None where there is no such surface. The surface
     is what reaches the frame's edge: the pixels joined to the edge through neighbours that
-    differ little, none far from the edge's colour. What they surround is the sheet where it is large (at least 0.6 of the
-    frame each way, not all of it), solid (0.85 of its box) and of another colour than the
-    surface (its paper). A diagram on its own ground is none of these: what its ground
+    differ little, none far from the edge's colour. What they surround is the sheet where it
+    is large (at least 0.6 of the frame each way, not all of it), solid (0.85 of its box) and
+    of another colour than the surface (its paper). A diagram on its own ground is none of these: what its ground
     surrounds is ink and the insides of outlines, of the ground's colour."""
     side = SHEET_WORK_SIDE
     small = np.asarray(picture.convert("RGB").resize((side, side), Image.BOX).filter(ImageFilter.GaussianBlur(1)),
