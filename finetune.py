@@ -39,7 +39,7 @@ import languages
 import settings
 from checkpoint import CheckpointError
 from cost import RunCost
-from model import IGNORE, DiagramReader, ModelConfig, picture_loss, picture_targets, with_examples
+from model import IGNORE, DiagramReader, ModelConfig, packed_sizes, picture_loss, picture_targets, with_examples
 from settings import SettingsError, check, setting
 from tracking import RunLog
 
@@ -418,8 +418,8 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, float]:
     model.train()
     targets = [int((batch["labels"] != IGNORE).sum()) for batch in batches]
     loss_value = 0.0
-    with run.cost.count("training steps", tuple(tuple(b["input_ids"].shape) for b in batches),
-                        accelerator.num_processes):
+    sizes = tuple(packed_sizes(b["attention_mask"], b["labels"]) for b in batches)
+    with run.cost.count("training steps", sizes, accelerator.num_processes):
         for i, (batch, count) in enumerate(zip(batches, targets)):
             # Processes synchronise gradients once, after the last micro-batch.
             with accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext():

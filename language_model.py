@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -158,11 +160,44 @@ def with_lora(llm, new_token_ids: list[int], config, load_in_4bit: bool = False,
     if load_in_4bit and trainable:
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     if saved is not None:
-        return PeftModel.from_pretrained(llm, saved, is_trainable=trainable)
+        return with_new_rows_apart(PeftModel.from_pretrained(llm, saved, is_trainable=trainable))
     trainable_tokens = {"embed_tokens": new_token_ids}
     if not llm.config.tie_word_embeddings:
         trainable_tokens["lm_head"] = new_token_ids
-    return get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                          lora_dropout=config.lora_dropout,
-                                          target_modules=list(config.lora_target_modules),
-                                          trainable_token_indices=trainable_tokens, task_type="CAUSAL_LM"))
+    return with_new_rows_apart(get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                              lora_dropout=config.lora_dropout,
+                                                              target_modules=list(config.lora_target_modules),
+                                                              trainable_token_indices=trainable_tokens,
+                                                              task_type="CAUSAL_LM")))
+
+
+def with_new_rows_apart(peft_model):
+    """PEFT's trainable tokens write the new rows into a copy of the whole embedding matrix in
+    every forward pass, so that backward computes a gradient for every row of the vocabulary
+    (and, through the tied LM head, its whole weight gradient): a third of a SmolLM2 training
+    step (docs/LOG.md). Each such layer here computes the same values from the frozen matrix
+    and the new rows apart, so gradients reach only the new rows. Parameters and checkpoints
+    stay PEFT's."""
+    for module in peft_model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.forward = new_rows_forward.__get__(module)
+    return peft_model
+
+
+def new_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """TrainableTokensLayer.forward for one active, unmerged adapter (else PEFT's own): an
+    embedding looks the frozen table up and puts the new rows where x names a new token; an LM
+    head multiplies by the frozen matrix and puts the new rows' logits in their columns."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return TrainableTokensLayer.forward(layer, x, *args, **kwargs)
+    adapter, base = layer.active_adapters[0], layer.base_layer
+    rows = layer.trainable_tokens_delta[adapter].to(base.weight)
+    ids = torch.tensor(layer.token_indices[adapter], device=x.device)
+    if isinstance(base, torch.nn.Embedding):
+        embeddings = base(x)
+        scale = layer._get_embed_scale()
+        matches = x[..., None] == ids  # [..., new tokens]
+        new = rows[matches.int().argmax(-1)] * (scale.to(rows.dtype) if scale is not None else 1)
+        return torch.where(matches.any(-1, keepdim=True), new, embeddings)
+    bias = base.bias[ids] if base.bias is not None else None
+    return base(x).index_copy(-1, ids, F.linear(x, rows, bias))

@@ -46,6 +46,9 @@ IGNORE = -100  # label of a position without loss
 
 TARGET_FORMATS = ("tags", "text")
 READ_BATCH = 128  # pictures decoded together: short rows leave a small batch's matmuls little to do
+# A training batch's rows are packed into one and its target tokens gathered, each padded to a
+# multiple of this: a run then meets few sizes, and each size's FLOPs are counted once (cost.py).
+PACK_MULTIPLE = 16
 PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
 IMAGE_LOOKS = ("as_is", "normalised", "scanned")
 PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
@@ -572,20 +575,29 @@ class DiagramReader(nn.Module):
         their share of those tokens add up to the batch."""
         projected = self.projector(features)  # [B, images, T, hidden]: once, for the LLM and the picture head
         embeddings = self.embed(input_ids, projected)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-        # Targets sit at the end of every row (left padding), so logits are needed only there.
-        # The positions go as a tensor, not a count: a slice sent the matmul, under no_grad, down
-        # a path that copies the embedding matrix once per row (docs/LOG.md).
-        first_label = int((labels != IGNORE).int().argmax(dim=1).min())
-        positions = torch.arange(first_label - 1, labels.shape[1], device=labels.device)
-        logits = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids,
-                          logits_to_keep=positions).logits
-        targets = labels[:, first_label:].flatten()
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
+        # The rows packed into one, padding left out: each row its own sequence (its positions
+        # start at 0, which is how transformers tells packed sequences apart), so that matmuls
+        # spend little time on padding (docs/LOG.md). Then a sequence of filler up to the size.
+        real = attention_mask.bool()
+        tokens, rows = packed_sizes(attention_mask, labels)
+        filler = tokens - int(real.sum())
+        positions = torch.cat([(attention_mask.cumsum(-1) - 1)[real], torch.arange(filler, device=real.device)])
+        hidden = self.llm.get_decoder()(inputs_embeds=F.pad(embeddings[real], (0, 0, 0, filler))[None],
+                                        position_ids=positions[None],
+                                        use_cache=False).last_hidden_state[0]  # a cache hides the packing
+        # Logits only where a target token is predicted, gathered into one block (a vocabulary
+        # row costs a quarter of SmolLM2's decoder per token; docs/LOG.md).
+        predicts = torch.zeros_like(real)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE
+        targets = labels[:, 1:][predicts[:, :-1]]
+        logits = self.llm.get_output_embeddings()(F.pad(hidden[:tokens - filler][predicts[real]],
+                                                        (0, 0, 0, rows - len(targets))))
+        loss = F.cross_entropy(logits.float(), F.pad(targets, (0, rows - len(targets)), value=IGNORE),
+                               reduction="sum")
         if picture_labels is not None:
             loss = loss + self.config.quadrant_loss * picture_loss(self.projector, projected[:, -1], picture_labels,
                                                                    "sum")
-        return loss / (targets != IGNORE).sum()
+        return loss / len(targets)
 
     # -- generation: the one path that validation, inference and the benchmark share
 
@@ -683,6 +695,14 @@ class DiagramReader(nn.Module):
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
         rest = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" not in n]
         return lora, rest + list(self.projector.parameters())
+
+
+def packed_sizes(attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """A training batch's packed tokens and target tokens, each rounded up to PACK_MULTIPLE:
+    what the FLOPs of its step depend on."""
+    def up(n):
+        return -(-n // PACK_MULTIPLE) * PACK_MULTIPLE
+    return up(int(attention_mask.sum())), up(int((labels != IGNORE).sum()))
 
 
 def picture_head(language: languages.Language) -> tuple[int, int] | None:

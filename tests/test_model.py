@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
@@ -393,3 +394,31 @@ def test_the_picture_check_is_the_picture_heads_probability_of_a_reading(tiny_ll
     assert checks[2] is None
     without_head = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip, quadrant_loss=0))
     assert without_head.picture_check(features, [text]) == [None]
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_new_rows_apart_give_peft_s_outputs_and_gradients(tiny_llm, tiny_llm_untied, tiny_clip, untied):
+    """language_model.new_rows_forward against PEFT's own trainable tokens: the same logits,
+    and the same gradients for every trainable tensor, new rows included."""
+    reader = model.DiagramReader.build(tiny_config(tiny_llm_untied if untied else tiny_llm, tiny_clip))
+    perturb(reader)
+    reader.eval()  # no dropout: both passes see the same adapters
+    layers = [m for m in reader.llm.modules() if isinstance(m, TrainableTokensLayer)]
+    assert len(layers) == 2 and all("forward" in m.__dict__ for m in layers)  # the input and output sides
+    new_id = reader.tokenizer.convert_tokens_to_ids(dsl.START)
+    ids = torch.tensor([[new_id, 5, 9, reader.end_id], [7, new_id, new_id, 3]])
+
+    def outputs_and_gradients():
+        reader.llm.zero_grad()
+        logits = reader.llm(input_ids=ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in reader.llm.named_parameters() if p.requires_grad}
+
+    ours = outputs_and_gradients()
+    for layer in layers:
+        del layer.forward  # PEFT's own
+    theirs = outputs_and_gradients()
+    assert torch.allclose(ours[0], theirs[0], atol=1e-5)
+    assert ours[1].keys() == theirs[1].keys() and any("trainable_tokens" in n for n in ours[1])
+    for name in ours[1]:
+        assert torch.allclose(ours[1][name], theirs[1][name], atol=1e-6), name

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -35,13 +36,13 @@ import dsl
 import finetune
 from cost import RunCost
 import hardware
-from model import IGNORE, DiagramReader
+from model import IGNORE, DiagramReader, packed_sizes
 from settings import setting
 
 
 @dataclass
 class BenchmarkConfig:
-    steps: int = setting(10, "training steps timed (after one warm-up step)")
+    steps: int = setting(10, "training steps timed (each batch first run once untimed)")
     generate_images: int = setting(32, "images read at batch 1 and then at batch 32")
     vs_trainer: bool = setting(False, "also time the same steps through transformers' Trainer, and print the ratio")
 
@@ -120,17 +121,17 @@ def main(argv: list[str]) -> dict:
     run = finetune.Run(training, accelerator, reader, prepared, optimizer, scheduler, log=None,
                        cost=RunCost(), started=time.time(), steps_per_epoch=bench.steps + 1)
     rng = random.Random(0)
-
-    def step():
-        return finetune.train_step(run, [random_batch(reader, training.batch_size, rng, device)])[1]
-
-    batch = random_batch(reader, training.batch_size, rng, device)
-    finetune.train_step(run, [batch])  # the warm-up step, counted
-    step_flops = run.cost.train_flops
-    tokens = int(batch["attention_mask"].sum())
+    timed = [random_batch(reader, training.batch_size, rng, device) for _ in range(bench.steps)]
+    for batch in timed:  # a warm-up pass, which counts each batch size's FLOPs (counting slows a step)
+        finetune.train_step(run, [batch])
+    step_flops = [run.cost.by_shape["training steps", (packed_sizes(b["attention_mask"], b["labels"]),)]
+                  for b in timed]
     hardware.reset_peak_memory(device)
-    seconds = sorted(step() for _ in range(bench.steps))
-    step_seconds = seconds[len(seconds) // 2]  # the median: robust to a hiccup of the machine
+    seconds = [finetune.train_step(run, [batch])[1] for batch in timed]
+    step_seconds = statistics.median(seconds)  # the median: robust to a hiccup of the machine
+    achieved = statistics.median(f / s for f, s in zip(step_flops, seconds)) / 1e9
+    tokens = round(statistics.mean(int(b["attention_mask"].sum()) for b in timed))
+    batch = timed[0]
 
     # Validation's loss is a forward pass without gradients: it should cost about a third of
     # a step (a slow path under no_grad once made it cost more than a whole step).
@@ -159,11 +160,10 @@ def main(argv: list[str]) -> dict:
         reader.read_features(features, batch_size=32)
         batch32 = bench.generate_images / (time.perf_counter() - started)
 
-    achieved = step_flops / step_seconds / 1e9
     result = {
         "device": hardware.describe(device), "llm": config.llm, "dtype": str(dtype).removeprefix("torch."),
         "batch_size": training.batch_size, "tokens_per_step": tokens,
-        "train_step_seconds": round(step_seconds, 3), "train_step_gflop": round(step_flops / 1e9, 1),
+        "train_step_seconds": round(step_seconds, 3), "train_step_gflop": round(statistics.mean(step_flops) / 1e9, 1),
         "train_step_gflops_per_s": round(achieved, 1),
         "matmul_peak_gflops_per_s": round(peak, 1), "mlp_matmul_gflops_per_s": round(mlp, 1),
         "train_step_share_of_peak": round(achieved / peak, 3),
