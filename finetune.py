@@ -458,18 +458,18 @@ def validate(run: Run, split: Split, step: int, bar, loss_over_all: bool = False
     example_features, example_dsls = reader.prompt_examples()
     n = min(run.training.eval_samples, len(split.val))
     n_loss = len(split.val) if loss_over_all else n
-    with run.cost.count("validation"):  # FLOPs counted every time: the reading's lengths vary
-        total_loss = 0.0
-        for start in range(0, n_loss, batch_size):
-            end = min(start + batch_size, n_loss)
-            batch = reader.collate(with_examples(example_features, split.val_features[start:end]),
-                                   [example_dsls] * (end - start), [r.dsl for r in split.val[start:end]])
-            batch.pop("picture_labels", None)  # the validation loss is the DSL's alone, comparable across settings
+    total_loss = 0.0
+    for start in range(0, n_loss, batch_size):
+        end = min(start + batch_size, n_loss)
+        batch = reader.collate(with_examples(example_features, split.val_features[start:end]),
+                               [example_dsls] * (end - start), [r.dsl for r in split.val[start:end]])
+        batch.pop("picture_labels", None)  # the validation loss is the DSL's alone, comparable across settings
+        with run.cost.count("validation", ("loss", packed_sizes(batch["attention_mask"], batch["labels"]))):
             with autocast():
                 loss = reader(**{k: v.to(run.accelerator.device) for k, v in batch.items()})
             total_loss += loss.item() * (end - start)
-        with autocast():
-            predictions, _ = reader.read_features(split.val_features[:n])
+    with run.cost.count("validation"), autocast():  # counted every time: the readings' lengths vary
+        predictions, _ = reader.read_features(split.val_features[:n])
     references = [r.dsl for r in split.val[:n]]
     scores = reader.language.score(predictions, references)
     scores.pop("by_count", None)

@@ -110,10 +110,12 @@ def choose_dtype(requested: str, device: torch.device, mlp_shape, tokens: int = 
 
 def peak_gflops(dtype: torch.dtype, device: torch.device, mlp_shape, tokens: int = 128) -> float:
     """The matmul speed a run's work is measured against: on a CPU the LLM's MLP matmul, the
-    one --dtype auto times; on a GPU one large enough to reach its peak."""
+    one --dtype auto times, the fastest of six short timings (a shared machine slows some of
+    them); on a GPU one large enough to reach its peak."""
     if device.type == "cuda":
         return matmul_gflops(dtype, 8192, 8192, 8192, device, seconds=0.5)
-    return matmul_gflops(dtype, tokens, *mlp_shape(), device, seconds=0.3)
+    shape = mlp_shape()
+    return max(matmul_gflops(dtype, tokens, *shape, device, seconds=0.05) for _ in range(6))
 
 
 def mixed_precision_for(dtype: str, requested: str = "auto") -> str:

@@ -422,3 +422,27 @@ def test_new_rows_apart_give_peft_s_outputs_and_gradients(tiny_llm, tiny_llm_unt
     assert ours[1].keys() == theirs[1].keys() and any("trainable_tokens" in n for n in ours[1])
     for name in ours[1]:
         assert torch.allclose(ours[1][name], theirs[1][name], atol=1e-6), name
+
+
+def test_a_step_s_flops_depend_only_on_its_packed_sizes(reader):
+    """finetune.py counts a step's FLOPs once per model.packed_sizes: batches of other lengths
+    and padding but the same sizes must cost the same, and padding must cost nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(batch):
+        with FlopCounterMode(display=False) as counter:
+            reader(**batch).backward()
+        return counter.get_total_flops()
+
+    batches = {}
+    for seed in range(40):
+        texts = diagram_texts(6, seed=seed)
+        batch = reader.collate(torch.randn(3, 2, T, 64), [[t] for t in texts[:3]], texts[3:])
+        real = (int(batch["attention_mask"].sum()), int((batch["labels"] != model.IGNORE).sum()))
+        batches.setdefault(model.packed_sizes(batch["attention_mask"], batch["labels"]), {})[real] = batch
+    same = next(group for group in batches.values() if len(group) > 1)
+    counts = {flops(b) for b in same.values()}
+    assert len(counts) == 1
+    other = next(group for sizes, group in batches.items() if group is not same)
+    assert flops(next(iter(other.values()))) not in counts
+    reader.zero_grad()
