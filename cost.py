@@ -15,8 +15,9 @@ TRAINING_PHASES = ("projector warm-up", "training steps")
 
 class RunCost:
     """FLOPs are counted by torch's FlopCounterMode (as tools/benchmark.py counts a step).
-    Where a piece of work's count depends only on its shape (a training step's packed tokens and targets), each
-    shape is counted once and the count reused: counting slows the work it counts."""
+    Where a piece of work's count depends only on its shape (a training step's packed tokens
+    and targets), each shape is counted once and the count reused: counting slows the work it
+    counts."""
 
     def __init__(self, peak_gflops: float = 0.0, train_flops: int = 0):
         self.peak_gflops, self.train_flops = peak_gflops, train_flops

@@ -174,8 +174,8 @@ def with_lora(llm, new_token_ids: list[int], config, load_in_4bit: bool = False,
 def with_new_rows_apart(peft_model):
     """PEFT's trainable tokens write the new rows into a copy of the whole embedding matrix in
     every forward pass, so that backward computes a gradient for every row of the vocabulary
-    (and, through the tied LM head, its whole weight gradient): a third of a SmolLM2 training
-    step (docs/LOG.md). Each such layer here computes the same values from the frozen matrix
+    (and, through the tied LM head, its whole weight gradient): about a sixth of a SmolLM2
+    training step (docs/LOG.md). Each such layer here computes the same values from the frozen matrix
     and the new rows apart, so gradients reach only the new rows. Parameters and checkpoints
     stay PEFT's."""
     for module in peft_model.modules():

@@ -585,8 +585,8 @@ class DiagramReader(nn.Module):
         hidden = self.llm.get_decoder()(inputs_embeds=F.pad(embeddings[real], (0, 0, 0, filler))[None],
                                         position_ids=positions[None],
                                         use_cache=False).last_hidden_state[0]  # a cache hides the packing
-        # Logits only where a target token is predicted, gathered into one block (a vocabulary
-        # row costs a quarter of SmolLM2's decoder per token; docs/LOG.md).
+        # Logits only where a target token is predicted, gathered into one block: one position's
+        # logits cost a quarter of all SmolLM2's decoder layers.
         predicts = torch.zeros_like(real)
         predicts[:, :-1] = labels[:, 1:] != IGNORE
         targets = labels[:, 1:][predicts[:, :-1]]
