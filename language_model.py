@@ -164,24 +164,33 @@ def with_lora(llm, new_token_ids: list[int], config, load_in_4bit: bool = False,
     trainable_tokens = {"embed_tokens": new_token_ids}
     if not llm.config.tie_word_embeddings:
         trainable_tokens["lm_head"] = new_token_ids
-    return with_new_rows_apart(get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                              lora_dropout=config.lora_dropout,
-                                                              target_modules=list(config.lora_target_modules),
-                                                              trainable_token_indices=trainable_tokens,
-                                                              task_type="CAUSAL_LM")))
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), trainable_token_indices=trainable_tokens,
+                      task_type="CAUSAL_LM")
+    return with_new_rows_apart(get_peft_model(llm, lora))
 
 
 def with_new_rows_apart(peft_model):
     """PEFT's trainable tokens write the new rows into a copy of the whole embedding matrix in
     every forward pass, so that backward computes a gradient for every row of the vocabulary
     (and, through the tied LM head, its whole weight gradient): about a sixth of a SmolLM2
-    training step (docs/LOG.md). Each such layer here computes the same values from the frozen matrix
-    and the new rows apart, so gradients reach only the new rows. Parameters and checkpoints
-    stay PEFT's."""
-    for module in peft_model.modules():
-        if isinstance(module, TrainableTokensLayer):
-            module.forward = new_rows_forward.__get__(module)
+    training step (docs/LOG.md). Each such layer here computes the same values from the
+    frozen matrix and the new rows apart, so gradients reach only the new rows. Parameters
+    and checkpoints stay PEFT's."""
+    for layer in trainable_token_layers(peft_model):
+        layer.forward = new_rows_forward.__get__(layer)
     return peft_model
+
+
+def with_peft_s_own_rows(peft_model):
+    """with_new_rows_apart undone: PEFT's own forward for each trainable-token layer."""
+    for layer in trainable_token_layers(peft_model):
+        vars(layer).pop("forward", None)
+    return peft_model
+
+
+def trainable_token_layers(peft_model) -> list[TrainableTokensLayer]:
+    return [module for module in peft_model.modules() if isinstance(module, TrainableTokensLayer)]
 
 
 def new_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -580,7 +580,8 @@ class DiagramReader(nn.Module):
         # spend little time on padding (docs/LOG.md). Then a sequence of filler up to the size.
         real = attention_mask.bool()
         tokens, rows = packed_sizes(attention_mask, labels)
-        filler = tokens - int(real.sum())
+        n_real = int(real.sum())
+        filler = tokens - n_real
         positions = torch.cat([(attention_mask.cumsum(-1) - 1)[real], torch.arange(filler, device=real.device)])
         hidden = self.llm.get_decoder()(inputs_embeds=F.pad(embeddings[real], (0, 0, 0, filler))[None],
                                         position_ids=positions[None],
@@ -590,7 +591,7 @@ class DiagramReader(nn.Module):
         predicts = torch.zeros_like(real)
         predicts[:, :-1] = labels[:, 1:] != IGNORE
         targets = labels[:, 1:][predicts[:, :-1]]
-        logits = self.llm.get_output_embeddings()(F.pad(hidden[:tokens - filler][predicts[real]],
+        logits = self.llm.get_output_embeddings()(F.pad(hidden[:n_real][predicts[real]],
                                                         (0, 0, 0, rows - len(targets))))
         loss = F.cross_entropy(logits.float(), F.pad(targets, (0, rows - len(targets)), value=IGNORE),
                                reduction="sum")
