@@ -168,14 +168,28 @@ def crop_to_sheet(picture: Image.Image) -> Image.Image:
 
 
 def normalise_look(picture: Image.Image) -> Image.Image:
-    """Dark ink on an even white ground: grey, inverted where the ground is dark, divided by the ground's light, stretched."""
+    """Dark ink on an even white ground: grey, inverted where the ink is lighter than the ground, divided by the
+    ground's light (a closing wider than any filled shape), stretched from the ground's noise to the darkest ink."""
     grey = picture.convert("L")
-    if np.median(np.asarray(grey)) < 128:
+    values = np.asarray(grey, dtype=np.float32)
+    # The ground's grey: the median of a band 3% to 6% in from the edge (ground in every diagram).
+    height, width = values.shape
+    a, b = round(0.03 * min(height, width)), max(round(0.06 * min(height, width)), round(0.03 * min(height, width)) + 1)
+    ground_grey = np.median(np.concatenate([values[a:b, a:width - a].ravel(), values[height - b:height - a, a:width - a].ravel(),
+                                            values[b:height - b, a:b].ravel(), values[b:height - b, width - b:width - a].ravel()]))
+    if np.percentile(values, 99.8) - ground_grey > ground_grey - np.percentile(values, 0.2):
         grey = ImageOps.invert(grey)
-    ground = grey.filter(ImageFilter.MaxFilter(9)).filter(ImageFilter.GaussianBlur(8))
+    small = grey.resize((max(1, grey.width // 4), max(1, grey.height // 4)), Image.BOX)
+    side = round(0.45 * small.width) // 2 * 2 + 1
+    ground = small.filter(ImageFilter.MaxFilter(side)).filter(ImageFilter.MinFilter(side))
+    ground = ground.resize(grey.size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(4))
     even = np.asarray(grey, dtype=np.float32) / np.maximum(np.asarray(ground, dtype=np.float32), 1.0)
-    darkest = np.percentile(even, 1)
-    stretched = (even - darkest) / max(1.0 - darkest, 0.05)
+    paper_pixels = even[even > 0.75]
+    paper = np.median(paper_pixels) if paper_pixels.size else 1.0
+    white = paper - 3 * 1.4826 * np.median(np.abs(paper_pixels - paper)) if paper_pixels.size else paper
+    ink = even[even < white - 0.1]
+    black = np.percentile(ink, 5) if ink.size else 0.0
+    stretched = (even - black) / max(white - black, 0.05)
     return Image.fromarray((stretched.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
 
 

@@ -329,6 +329,36 @@ def test_a_normalised_look_is_dark_ink_on_an_even_white_ground():
     assert model.normalise_look(Image.new("RGB", (64, 64), (40, 40, 40))).size == (64, 64)  # a blank picture
 
 
+def test_a_normalised_look_keeps_a_lone_small_shape_and_solid_fills():
+    import renderer
+
+    # A lone Small outline is under 1% of the pixels; Large filled shapes are wider than thin ink;
+    # light ink on a mid-grey ground is inverted though the ground is not dark; ink may cover most pixels.
+    cases = [("<StartDiagram> <Small> <Triangle> <BottomLeft> <EndDiagram>", renderer.Style(background=(235, 245, 235))),
+             ("<StartDiagram> <Large> <Circle> <TopLeft> <Large> <Square> <BottomRight> <EndDiagram>",
+              renderer.Style(colour=(30, 30, 20), background=(250, 220, 220), filled=True)),
+             ("<StartDiagram> <Large> <Triangle> <TopRight> <EndDiagram>",
+              renderer.Style(colour=(230, 240, 120), background=(70, 140, 230))),
+             ("<StartDiagram> " + " ".join(f"<Large> <Square> <{q}>" for q in ("TopLeft", "TopRight", "BottomLeft", "BottomRight"))
+              + " <EndDiagram>", renderer.Style(colour=(20, 20, 60), filled=True))]  # ink on most of the pixels
+    for text, style in cases:
+        nominal = np.asarray(renderer.render(dsl.parse(text), 224, style).convert("L"))
+        ink_mask = np.abs(nominal.astype(int) - renderer.grey(style.background)) > 40
+        normalised = np.asarray(model.normalise_look(renderer.render(dsl.parse(text), 224, style)).convert("L"))
+        assert np.median(normalised[ink_mask]) < 60 and np.percentile(normalised[~ink_mask], 5) > 220, text
+
+
+def test_a_normalised_look_is_not_inverted_by_what_a_crop_leaves_of_the_surface():
+    import renderer
+    from PIL import ImageDraw
+
+    # A sheet cropped from a dark desk keeps a few pixels of the desk at its edges.
+    text = "<StartDiagram> <Large> <Triangle> <TopLeft> <Small> <Circle> <TopRight> <Large> <Square> <BottomRight> <EndDiagram>"
+    picture = renderer.render(dsl.parse(text), 224, renderer.Style(background=(230, 240, 230)))
+    ImageDraw.Draw(picture).rectangle([0, 0, 223, 223], outline=(20, 60, 30), width=6)
+    assert np.median(np.asarray(model.normalise_look(picture).convert("L"))) > 220  # the ground white, not inverted
+
+
 def test_read_py_normalises_a_look_as_the_model_does():
     import read_exported
     import renderer
