@@ -5,8 +5,10 @@ table at its end and logs it (log.jsonl's last record, W&B's summary)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # The phases whose FLOPs make a run's train_flops (logged every step, kept in state.json).
@@ -41,6 +43,42 @@ class RunCost:
                 self.by_shape[phase, shape] = flops
         self.add(phase, flops, time.perf_counter() - started)
 
+    @contextlib.contextmanager
+    def count_calls(self, phase: str, *modules):
+        """Time the work inside as part of `phase` and add the FLOPs of its calls of `modules`
+        (each call's forward, counted once per call_shape): for work made of calls whose
+        shapes repeat in an order that varies, as decoding with a cache does. The work's
+        FLOPs outside those calls are not counted."""
+        started, flops = time.perf_counter(), 0
+
+        def counted(module, forward):
+            @functools.wraps(forward)  # its signature too: transformers' generate reads it to choose arguments
+            def forward_counted(*args, **kwargs):
+                nonlocal flops
+                key = (phase, type(module).__name__, call_shape(args, kwargs))
+                if key in self.by_shape:
+                    out = forward(*args, **kwargs)
+                else:
+                    with FlopCounterMode(display=False) as counter:
+                        out = forward(*args, **kwargs)
+                    self.by_shape[key] = counter.get_total_flops()
+                flops += self.by_shape[key]
+                return out
+            return forward_counted
+
+        own = [(module, vars(module).get("forward")) for module in modules]
+        for module in modules:
+            module.forward = counted(module, module.forward)
+        try:
+            yield
+        finally:
+            for module, forward in own:
+                if forward is None:
+                    del module.forward  # the class's own again
+                else:
+                    module.forward = forward
+        self.add(phase, flops, time.perf_counter() - started)
+
     def add(self, phase: str, flops: int, seconds: float):
         entry = self.phases.setdefault(phase, {"flops": 0, "seconds": 0.0})
         entry["flops"] += flops
@@ -70,3 +108,17 @@ class RunCost:
             share = f"{row['share_of_peak']:.2f}" if row["flops"] else "-"
             lines.append(f"{name:20}{row['flops'] / 1e12:>9.2f}{row['seconds']:>10.1f}{share:>19}")
         return "\n".join(lines)
+
+
+def call_shape(args: tuple, kwargs: dict) -> tuple:
+    """What a forward call's FLOPs depend on: its tensors' shapes, its plain values and the
+    length of a cache it is given."""
+    def shape(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        if hasattr(value, "get_seq_length"):  # transformers' caches
+            return ("cache", value.get_seq_length())
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return type(value).__name__
+    return tuple(map(shape, args)) + tuple((name, shape(value)) for name, value in sorted(kwargs.items()))

@@ -468,7 +468,7 @@ def validate(run: Run, split: Split, step: int, bar, loss_over_all: bool = False
             with autocast():
                 loss = reader(**{k: v.to(run.accelerator.device) for k, v in batch.items()})
             total_loss += loss.item() * (end - start)
-    with run.cost.count("validation"), autocast():  # counted every time: the readings' lengths vary
+    with run.cost.count_calls("validation", *reader.computing_parts()), autocast():  # each call's shape counted once
         predictions, _ = reader.read_features(split.val_features[:n])
     references = [r.dsl for r in split.val[:n]]
     scores = reader.language.score(predictions, references)

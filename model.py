@@ -719,6 +719,12 @@ class DiagramReader(nn.Module):
             checks.append(float(probability.min()))
         return checks
 
+    def computing_parts(self) -> tuple[nn.Module, ...]:
+        """The modules whose calls do a reading's arithmetic (CLIP, the projector, the LLM with
+        its head): finetune.py counts a validation's FLOPs call by call of these."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # PEFT's wraps it
+        return self.vision, self.projector, llm
+
     def trainable_parameters(self):
         """(LoRA weights, projector and new-token embeddings): the two learning-rate groups."""
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]

@@ -475,3 +475,25 @@ def test_a_step_s_flops_depend_only_on_its_packed_sizes(reader):
     other = next(group for group in batches.values() if group is not same)
     assert flops(next(iter(other.values()))) not in counts
     reader.zero_grad()
+
+
+def test_a_reading_s_flops_counted_call_by_call_equal_counting_all_of_it(reader):
+    """finetune.py's validation counts its reading's FLOPs once per call shape of the reader's
+    computing parts: the same total as counting every operation, at the first reading and the next."""
+    import cost
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(5)]
+    with FlopCounterMode(display=False) as counter:
+        reader.read_pictures(pictures, batch_size=3)
+    run = cost.RunCost()
+    for reading in range(2):
+        with run.count_calls("validation", *reader.computing_parts()):
+            reader.read_pictures(pictures, batch_size=3)
+        assert run.phases["validation"]["flops"] == (reading + 1) * counter.get_total_flops() > 0
+        if reading == 0:
+            shapes = dict(run.by_shape)
+    assert run.by_shape == shapes  # the second reading met no new shape: nothing counted again
+    assert {key[1] for key in shapes} == {"VisionEncoder", "Projector", "LlamaForCausalLM"}
+    assert all("forward" not in vars(part) for part in reader.computing_parts())  # the classes' own again
