@@ -18,8 +18,9 @@ half folder. It holds:
     examples/               the solved example pictures the prompt shows (few-shot configurations)
     read.py                 the reader (read_exported.py): it reads as inference.py does (the DSL's
                             grammar, batches) and imports only torch, transformers, open_clip,
-                            safetensors, PIL, xgrammar and the two files below: python read.py FOLDER picture.png
+                            safetensors, PIL, xgrammar and the files below: python read.py FOLDER picture.png
     grammar.py              constrained decoding from a grammar file (the repo's grammar.py)
+    looks.py                the picture as CLIP gets it: as it is, normalised or scanned (the repo's looks.py)
     dsl/                    the DSL's module (its canonical form) and its grammar file
     README.md               a model card with the hub's front matter and the scores read.py itself
                             measured; it names no local path
@@ -115,7 +116,8 @@ def write_model(reader: DiagramReader, out: Path, dtype: str) -> dict:
               "trained_with": card_settings(reader.config)}
     (out / "reader_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
     shutil.copy(Path(__file__).with_name("read_exported.py"), out / "read.py")
-    shutil.copy(Path(__file__).with_name("grammar.py"), out / "grammar.py")
+    for module in ("grammar.py", "looks.py"):  # the repo's own, which read.py loads from the folder
+        shutil.copy(Path(__file__).with_name(module), out / module)
     return config
 
 

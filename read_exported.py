@@ -4,7 +4,7 @@
 
 Needs torch, transformers, open_clip_torch, safetensors, pillow and xgrammar. Reads as the
 repo's inference.py does: a batch of pictures at a time, greedy decoding that follows the
-DSL's grammar file (grammar.py and the DSL's module are in this folder), each picture's
+DSL's grammar file (grammar.py, looks.py and the DSL's module are in this folder), each picture's
 text printed in the DSL's canonical form.
 """
 import importlib.util
@@ -12,11 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,15 +43,13 @@ class Reader:
         # decoding), all copied into the folder by export.py.
         self.dsl = load_module(self.folder / config["dsl_module"]) if config["dsl_module"] else None
         self.decoding = load_module(self.folder / "grammar.py")
+        self.looks = load_module(self.folder / "looks.py")
         self.grammar = self.decoding.Grammar.from_file(self.folder / config["grammar"]) if config["grammar"] else None
 
     def image_tokens(self, pictures: list[Image.Image]) -> torch.Tensor:
         """Pictures -> image tokens [B, T, hidden]: one block's patch tokens (or the pooled embedding), projected."""
-        if self.config.get("image_look") == "scanned":  # a sheet on a surface: cropped to the sheet
-            pictures = [crop_to_sheet(picture) for picture in pictures]
-        if self.config.get("image_look") in ("normalised", "scanned"):
-            pictures = [normalise_look(picture) for picture in pictures]
-        pixels = torch.stack([self.preprocess(picture) for picture in pictures]).to(self.device)
+        look = self.config.get("image_look", "as_is")  # as the repo's looks.py (this folder's copy) has it
+        pixels = torch.stack([self.preprocess(self.looks.look(picture, look)) for picture in pictures]).to(self.device)
         if self.config["image_features"] == "pooled":  # the single CLIP embedding
             return project(self.visual(pixels)[:, None].float(), self.projector, 1).to(self.llm.dtype)
         out = self.visual.forward_intermediates(pixels, indices=[self.config["clip_layer"]], stop_early=True, intermediates_only=True, output_fmt="NLC")
@@ -114,83 +111,6 @@ def project(x: torch.Tensor, projector, patch_merge: int) -> torch.Tensor:
     else:  # mlp2x_gelu: LLaVA's two layers with a GELU between
         x = F.linear(F.gelu(F.linear(x.flatten(-2), projector["mlp.0.weight"], projector["mlp.0.bias"])), projector["mlp.2.weight"], projector["mlp.2.bias"])
     return x + projector["positions"] if "positions" in projector else x
-
-
-SHEET_WORK_SIDE = 112  # the sheet is looked for on a picture this small: fast, and noise averaged away
-SURFACE_STEP = 10  # the most two neighbouring pixels of the surface differ, in any channel (0-255)
-SURFACE_FAR = 70  # the most a pixel of the surface differs from the edge's colour (uneven light)
-PAPER_APART = 28  # the least the sheet's colour differs from the surface's
-
-
-def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
-    """The box of a sheet lying on a surface that shows around it (the surface grown from the frame's edge), or None."""
-    side = SHEET_WORK_SIDE
-    small = np.asarray(picture.convert("RGB").resize((side, side), Image.BOX).filter(ImageFilter.GaussianBlur(1)),
-                       dtype=np.int16)
-    edge = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
-    surface = np.median(edge, axis=0)
-    like = np.abs(small - surface).max(-1) <= SURFACE_FAR  # the surface, under uneven light
-    # Neighbours that differ little: the surface goes on (a gradient of light), no sheet edge between.
-    down = np.abs(small[1:] - small[:-1]).max(-1) <= SURFACE_STEP
-    across = np.abs(small[:, 1:] - small[:, :-1]).max(-1) <= SURFACE_STEP
-    reached = np.zeros_like(like)
-    reached[[0, -1], :], reached[:, [0, -1]] = like[[0, -1], :], like[:, [0, -1]]
-    while True:  # grow from the edge, 4-connected
-        grown = reached.copy()
-        grown[1:] |= reached[:-1] & down
-        grown[:-1] |= reached[1:] & down
-        grown[:, 1:] |= reached[:, :-1] & across
-        grown[:, :-1] |= reached[:, 1:] & across
-        grown &= like
-        if (grown == reached).all():
-            break
-        reached = grown
-    inside = ~reached
-    rows, columns = np.flatnonzero(inside.mean(1) > 0.1), np.flatnonzero(inside.mean(0) > 0.1)
-    if not len(rows) or not len(columns):
-        return None
-    top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
-    height, width = bottom - top, right - left
-    if min(height, width) < 0.6 * side or min(height, width) > 0.97 * side:
-        return None
-    box = inside[top:bottom, left:right]
-    paper = np.median(small[top:bottom, left:right][box], axis=0)
-    if box.mean() < 0.85 or np.abs(paper - surface).max() <= PAPER_APART:
-        return None
-    scale_x, scale_y = picture.width / side, picture.height / side
-    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
-
-
-def crop_to_sheet(picture: Image.Image) -> Image.Image:
-    """The picture cropped to the sheet it shows on a surface, at its own size; as it is where it shows none."""
-    box = find_sheet(picture)
-    return picture if box is None else picture.crop(box).resize(picture.size, Image.BICUBIC)
-
-
-def normalise_look(picture: Image.Image) -> Image.Image:
-    """Dark ink on an even white ground: grey, inverted where the ink is lighter than the ground, divided by the
-    ground's light (a closing wider than any filled shape), stretched from the ground's noise to the darkest ink."""
-    grey = picture.convert("L")
-    values = np.asarray(grey, dtype=np.float32)
-    # The ground's grey: the median of a band 3% to 6% in from the edge (ground in every diagram).
-    height, width = values.shape
-    a, b = round(0.03 * min(height, width)), max(round(0.06 * min(height, width)), round(0.03 * min(height, width)) + 1)
-    ground_grey = np.median(np.concatenate([values[a:b, a:width - a].ravel(), values[height - b:height - a, a:width - a].ravel(),
-                                            values[b:height - b, a:b].ravel(), values[b:height - b, width - b:width - a].ravel()]))
-    if np.percentile(values, 99.8) - ground_grey > ground_grey - np.percentile(values, 0.2):
-        grey = ImageOps.invert(grey)
-    small = grey.resize((max(1, grey.width // 4), max(1, grey.height // 4)), Image.BOX)
-    side = round(0.45 * small.width) // 2 * 2 + 1
-    ground = small.filter(ImageFilter.MaxFilter(side)).filter(ImageFilter.MinFilter(side))
-    ground = ground.resize(grey.size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(4))
-    even = np.asarray(grey, dtype=np.float32) / np.maximum(np.asarray(ground, dtype=np.float32), 1.0)
-    paper_pixels = even[even > 0.75]
-    paper = np.median(paper_pixels) if paper_pixels.size else 1.0
-    white = paper - 3 * 1.4826 * np.median(np.abs(paper_pixels - paper)) if paper_pixels.size else paper
-    ink = even[even < white - 0.1]
-    black = np.percentile(ink, 5) if ink.size else 0.0
-    stretched = (even - black) / max(white - black, 0.05)
-    return Image.fromarray((stretched.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
 
 
 def load_module(path: Path):

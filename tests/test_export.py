@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import checkpoint
+import damage
 import data
 import dsl
 import export
 import files
 import inference
 import languages
+import looks
 import model
 import read_exported
 from conftest import ROOT
@@ -107,8 +110,8 @@ def read_both(run_dir, out, pictures, folder):
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = run_script(str(script), str(out), *pictures, cwd=folder, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
-    # read.py, and the grammar.py and DSL module it loads from the folder, import no module of the repo.
-    for code in (script, out / "grammar.py", *(out / "dsl").glob("*.py")):
+    # read.py, and the grammar.py, looks.py and DSL module it loads from the folder, import no module of the repo.
+    for code in (script, out / "grammar.py", out / "looks.py", *(out / "dsl").glob("*.py")):
         imports = [line.split()[1] for line in code.read_text().splitlines() if line.startswith(("import ", "from "))]
         assert {name.split(".")[0] for name in imports} <= {
             "__future__", "json", "re", "sys", "pathlib", "importlib", "functools", "dataclasses", "hashlib",
@@ -131,16 +134,23 @@ def test_read_py_reads_like_inference_py_without_the_repo(exported, tiny_dataset
 
 def test_read_py_reads_pooled_features_and_text_targets_like_inference_py(tiny_llm, tiny_clip, tiny_dataset,
                                                                           tmp_path):
-    """The other paths: CLIP's pooled embedding (every block exported), and text written
-    without the grammar."""
+    """The other paths: CLIP's pooled embedding (every block exported), text written without
+    the grammar, and the scanned look (the repo's looks.py, copied into the folder), a sheet on
+    a desk among the pictures."""
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     result = run_script("finetune.py", *tiny_args(tiny_llm, tiny_clip, tiny_dataset, run_dir, "--image_features",
                                                   "pooled", "--quadrant_loss", "0", "--projector_warmup_epochs", "0",
-                                                  "--target_format", "text"))
+                                                  "--target_format", "text", "--image_look", "scanned"))
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("export.py", str(run_dir), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "looks.py").read_text() == (ROOT / "looks.py").read_text()
     pictures = [str(p) for p in sorted((tiny_dataset / "images").glob("test_*.png"))]
+    sheet = Image.open(pictures[0]).convert("RGB")
+    sheet = damage.on_a_surface(sheet.resize((224, 224)), 0.8, (60, 40, 30))
+    assert looks.find_sheet(sheet) is not None
+    sheet.save(tmp_path / "sheet.png")
+    pictures.append(str(tmp_path / "sheet.png"))
     read, expected = read_both(run_dir, out, pictures, tmp_path)
     assert read == expected and len(read) == len(pictures)
 

@@ -1,0 +1,80 @@
+"""looks.py: the picture as CLIP gets it (read.py loads the same file from an export's folder:
+tests/test_export.py)."""
+
+import random
+
+import numpy as np
+from PIL import Image
+
+import dsl
+import looks
+
+
+def test_a_normalised_look_is_dark_ink_on_an_even_white_ground():
+    import damage
+    import renderer
+
+    text = "<StartDiagram> <Large> <Circle> <TopLeft> <Small> <Triangle> <BottomRight> <EndDiagram>"
+    nominal = np.asarray(renderer.render(dsl.parse(text)).convert("L"))
+    styles = [renderer.Style(colour=(230, 230, 200), background=(15, 20, 30)),  # dark mode
+              renderer.Style(colour=(200, 30, 30), background=(120, 220, 120))]  # red on green
+    for style in styles:
+        picture = damage.uneven_light(renderer.render(dsl.parse(text), 224, style), 0.6, random.Random(0))
+        normalised = np.asarray(looks.normalise_look(picture).convert("L")).astype(int)
+        ink, ground = normalised[nominal < 128], normalised[nominal >= 128]
+        assert np.median(ink) < 90 and np.percentile(ground, 5) > 200, style  # the light evened out
+    assert looks.normalise_look(Image.new("RGB", (64, 64), (40, 40, 40))).size == (64, 64)  # a blank picture
+
+
+def test_a_normalised_look_keeps_a_lone_small_shape_and_solid_fills():
+    import renderer
+
+    # A lone Small outline is under 1% of the pixels; Large filled shapes are wider than thin ink;
+    # light ink on a mid-grey ground is inverted though the ground is not dark; ink may cover most pixels.
+    cases = [("<StartDiagram> <Small> <Triangle> <BottomLeft> <EndDiagram>", renderer.Style(background=(235, 245, 235))),
+             ("<StartDiagram> <Large> <Circle> <TopLeft> <Large> <Square> <BottomRight> <EndDiagram>",
+              renderer.Style(colour=(30, 30, 20), background=(250, 220, 220), filled=True)),
+             ("<StartDiagram> <Large> <Triangle> <TopRight> <EndDiagram>",
+              renderer.Style(colour=(230, 240, 120), background=(70, 140, 230))),
+             ("<StartDiagram> " + " ".join(f"<Large> <Square> <{q}>" for q in ("TopLeft", "TopRight", "BottomLeft", "BottomRight"))
+              + " <EndDiagram>", renderer.Style(colour=(20, 20, 60), filled=True))]  # ink on most of the pixels
+    for text, style in cases:
+        nominal = np.asarray(renderer.render(dsl.parse(text), 224, style).convert("L"))
+        ink_mask = np.abs(nominal.astype(int) - renderer.grey(style.background)) > 40
+        normalised = np.asarray(looks.normalise_look(renderer.render(dsl.parse(text), 224, style)).convert("L"))
+        assert np.median(normalised[ink_mask]) < 60 and np.percentile(normalised[~ink_mask], 5) > 220, text
+
+
+def test_a_normalised_look_is_not_inverted_by_what_a_crop_leaves_of_the_surface():
+    import renderer
+    from PIL import ImageDraw
+
+    # A sheet cropped from a dark desk keeps a few pixels of the desk at its edges.
+    text = "<StartDiagram> <Large> <Triangle> <TopLeft> <Small> <Circle> <TopRight> <Large> <Square> <BottomRight> <EndDiagram>"
+    picture = renderer.render(dsl.parse(text), 224, renderer.Style(background=(230, 240, 230)))
+    ImageDraw.Draw(picture).rectangle([0, 0, 223, 223], outline=(20, 60, 30), width=6)
+    assert np.median(np.asarray(looks.normalise_look(picture).convert("L"))) > 220  # the ground white, not inverted
+
+
+def test_a_sheet_on_a_surface_is_found_and_a_diagram_on_its_own_ground_is_not():
+    import damage
+    import renderer
+
+    rng = random.Random(3)
+    for _ in range(20):
+        picture = renderer.render(dsl.sample_diagram(rng), 224, renderer.random_style(rng, wide=True), rng)
+        assert looks.find_sheet(picture) is None  # its ground reaches the edge: no surface
+        assert looks.crop_to_sheet(picture) is picture
+        ground = picture.getpixel((0, 0))
+        surface = (40, 30, 20) if sum(ground) > 3 * 128 else (230, 220, 200)  # a desk far from the sheet's colour
+        side = round(224 * rng.uniform(0.7, 0.95))
+        offset = (224 - side) // 2
+        box = looks.find_sheet(damage.on_a_surface(picture, side / 224, surface))
+        assert box is not None and max(abs(a - b) for a, b in
+                                       zip(box, (offset, offset, offset + side, offset + side))) <= 6, (box, side)
+    # The same under uneven light (the surface darker in one corner than in another) and noise.
+    lit = damage.noise(damage.uneven_light(damage.on_a_surface(picture, 0.8, surface), 0.6, rng), 8, rng)
+    assert looks.find_sheet(lit) is not None and looks.crop_to_sheet(lit).size == (224, 224)
+    # A blank picture, and one whose margin has the ground's own colour: nothing shows a sheet.
+    assert looks.find_sheet(Image.new("RGB", (224, 224), (30, 30, 30))) is None
+    assert looks.find_sheet(damage.on_a_surface(picture, 0.8, ground)) is None
