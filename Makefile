@@ -25,10 +25,12 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gradio==6.31.0
 	touch $@
 
-# create_images.py's defaults: 4,444 pictures (4,000 to train on, 444 to validate), 80% of them
-# damaged (shifted, zoomed out, turned, blurred, ...), 200 clean test pictures. One pass over
-# varied pictures teaches more than epochs over few, and damaged ones teach reading real
-# pictures (docs/LOG.md: measured).
+# create_images.py's defaults: 6,667 pictures of the wide envelope (6,000 to train on, 667 to
+# validate): dark ink on light grounds, dark mode, coloured grounds, pen strokes; 80% of them damaged
+# as a phone or an export would (a sheet on a desk, shifted, zoomed out, at a slant, uneven light,
+# ...); 200 clean test pictures. The model finds a sheet on a surface and evens out each picture's
+# light before CLIP (ModelConfig.image_look). So it reads sketches, photos and dark mode, not only
+# its own renderer's pictures (docs/LOG.md: measured).
 demo: install
 	$(BIN)/python create_images.py
 	$(BIN)/python finetune.py --resume auto   # a second `make demo` continues, not overwrites
@@ -39,4 +41,5 @@ test: install
 
 clean:
 	rm -rf images data.csv test.csv checkpoints predictions.csv wandb other damaged damaged_other renders exported \
-		mermaid checkpoints-mermaid other_mermaid
+		mermaid checkpoints-mermaid other_mermaid \
+		classic-data checkpoints-classic real

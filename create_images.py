@@ -1,7 +1,7 @@
 """Generate the dataset: random diagrams, their images and DSL (docs/SPEC.md's data files).
 
-    python create_images.py [--num_samples 4444] [--num_test 200] [--damage 0.8] [--out_dir .] [--seed 0]
-    python create_images.py --dsl mermaid     # another DSL's data: any plug-in with the hooks below
+    python create_images.py [--num_samples 6667] [--num_test 200] [--looks wide] [--damage 0.8] [--out_dir .] [--seed 0]
+    python create_images.py --dsl mermaid --looks classic   # another DSL's data: any plug-in with the hooks below
 
 writes `images/`, `data.csv` (the training pool) and `test.csv` (held out) under
 --out_dir. It draws any DSL (languages.py) through its hooks: sample(rng) an item,
@@ -48,13 +48,13 @@ GIVE_UP_DRAWS = 20_000  # draws in a row without a new held-out text before givi
 
 @dataclass
 class Arguments:
-    num_samples: int = setting(4444, "training pool images (data.csv); 10% validate, so 4,444 train on 4,000")
+    num_samples: int = setting(6667, "training pool images (data.csv); 10% validate, so 6,667 train on 6,000")
     num_test: int = setting(200, "held-out images of unseen diagrams (test.csv)")
     out_dir: str = setting(".", "where images/, data.csv and test.csv go")
     seed: int = setting(0, "the same seed and settings give the same files, byte for byte")
     augment: bool = setting(True, "sample styles from the rendering envelope (docs/SPEC.md)")
-    looks: str = setting("classic", "classic: dark ink on light grounds; wide: also dark mode, coloured grounds, "
-                                    "pen strokes and phone photos (docs/SPEC.md)")
+    looks: str = setting("wide", "wide: dark ink on light grounds, dark mode, coloured grounds, pen strokes "
+                                 "and phone photos (docs/SPEC.md); classic: dark ink on light grounds only")
     size: int | None = setting(None, "image side in pixels (unset: the DSL's SIZE, else 224)")
     damage: float = setting(0.8, "share of training images also damaged (damage.py), to read real pictures; "
                                  "test.csv stays clean")

@@ -77,8 +77,9 @@ class ModelConfig:
                                           "mlp2x_gelu (LLaVA's), linear")
     image_positions: bool = setting(False, "add a learned embedding per image token: where it is (z-scoring "
                                            "removes CLIP's)")
-    image_look: str = setting("as_is", "as_is; normalised: each picture grey, ink dark on a white ground, its "
-                                       "light evened out before CLIP; scanned: a sheet on a surface cropped, then so")
+    image_look: str = setting("scanned", "scanned: a sheet on a surface cropped to the sheet, then as normalised; "
+                                         "normalised: each picture grey, ink dark on a white ground, its light "
+                                         "evened out before CLIP; as_is")
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = setting(0.1, "dropout on the LoRA input")
