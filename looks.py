@@ -35,6 +35,15 @@ def band(values: np.ndarray, inner: float, outer: float) -> np.ndarray:
                            values[b:height - b, a:b].ravel(), values[b:height - b, width - b:width - a].ravel()])
 
 
+def square_filter(values: np.ndarray, side: int, reduce) -> np.ndarray:
+    """PIL's MaxFilter (reduce: np.max) or MinFilter (np.min) of a side x side square, the
+    frame's edge repeated beyond it, as a pass along the rows and one along the columns: the
+    same pixels in a tenth of the time (a square of 25 at 224 pixels)."""
+    padded = np.pad(values, side // 2, mode="edge")
+    rows = reduce(np.lib.stride_tricks.sliding_window_view(padded, side, axis=0), axis=-1)
+    return reduce(np.lib.stride_tricks.sliding_window_view(rows, side, axis=1), axis=-1)
+
+
 def normalise_look(picture: Image.Image) -> Image.Image:
     """The picture as dark ink on an even white ground, whatever its colours and light: grey;
     inverted where the ink is lighter than the ground (dark mode, light ink on a colour);
@@ -50,8 +59,8 @@ def normalise_look(picture: Image.Image) -> Image.Image:
         grey = ImageOps.invert(grey)
     small = grey.resize((max(1, grey.width // 4), max(1, grey.height // 4)), Image.BOX)  # a quarter the side: fast
     side = round(GROUND_CLOSING * small.width) // 2 * 2 + 1
-    ground = small.filter(ImageFilter.MaxFilter(side)).filter(ImageFilter.MinFilter(side))
-    ground = ground.resize(grey.size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+    closed = square_filter(square_filter(np.asarray(small), side, np.max), side, np.min)
+    ground = Image.fromarray(closed).resize(grey.size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(4))
     even = np.asarray(grey, dtype=np.float32) / np.maximum(np.asarray(ground, dtype=np.float32), 1.0)
     paper_pixels = even[even > 0.75]  # the ground is near 1 once divided by its light; ink is well under
     paper = np.median(paper_pixels) if paper_pixels.size else 1.0
@@ -66,6 +75,37 @@ SHEET_WORK_SIDE = 112  # the sheet is looked for on a picture this small: fast, 
 SURFACE_STEP = 10  # the most two neighbouring pixels of the surface differ, in any channel (0-255)
 SURFACE_FAR = 70  # the most a pixel of the surface differs from the edge's colour (uneven light)
 PAPER_APART = 28  # the least the sheet's colour differs from the surface's
+
+
+def runs(like: np.ndarray, joined: np.ndarray) -> np.ndarray:
+    """A number for each run of pixels along the rows that are `like` and joined to the next
+    one (`joined`, one column fewer); 0 for pixels that are not `like`."""
+    starts = np.ones(like.shape, dtype=bool)
+    starts[:, 1:] = ~joined | ~like[:, :-1]
+    return np.where(like, np.cumsum(starts).reshape(like.shape), 0)
+
+
+def spread(reached: np.ndarray, run_of: np.ndarray) -> np.ndarray:
+    """`reached`, and every pixel of a run (`runs`) that holds a reached pixel."""
+    hit = np.zeros(run_of.max() + 1, dtype=bool)
+    hit[run_of[reached]] = True
+    hit[0] = False
+    return hit[run_of] | reached
+
+
+def reached_from_edge(like: np.ndarray, down: np.ndarray, across: np.ndarray) -> np.ndarray:
+    """The `like` pixels joined to the frame's edge, 4-connected, through neighbours that are
+    joined (`down`: each to the one below; `across`: to the one on its right) and `like`:
+    grown along every row at once, then every column, until nothing grows (a round for each
+    turn of the longest path, not one for each pixel)."""
+    reached = np.zeros_like(like)
+    reached[[0, -1], :], reached[:, [0, -1]] = like[[0, -1], :], like[:, [0, -1]]
+    rows, columns = runs(like, across), runs(like.T, down.T).T
+    while True:
+        grown = spread(spread(reached, rows), columns)
+        if (grown == reached).all():
+            return reached
+        reached = grown
 
 
 def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
@@ -85,19 +125,7 @@ def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
     # Neighbours that differ little: the surface goes on (a gradient of light), no sheet edge between.
     down = np.abs(small[1:] - small[:-1]).max(-1) <= SURFACE_STEP
     across = np.abs(small[:, 1:] - small[:, :-1]).max(-1) <= SURFACE_STEP
-    reached = np.zeros_like(like)
-    reached[[0, -1], :], reached[:, [0, -1]] = like[[0, -1], :], like[:, [0, -1]]
-    while True:  # grow from the edge, 4-connected
-        grown = reached.copy()
-        grown[1:] |= reached[:-1] & down
-        grown[:-1] |= reached[1:] & down
-        grown[:, 1:] |= reached[:, :-1] & across
-        grown[:, :-1] |= reached[:, 1:] & across
-        grown &= like
-        if (grown == reached).all():
-            break
-        reached = grown
-    inside = ~reached
+    inside = ~reached_from_edge(like, down, across)
     rows, columns = np.flatnonzero(inside.mean(1) > 0.1), np.flatnonzero(inside.mean(0) > 0.1)
     if not len(rows) or not len(columns):
         return None

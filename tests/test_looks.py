@@ -78,3 +78,37 @@ def test_a_sheet_on_a_surface_is_found_and_a_diagram_on_its_own_ground_is_not():
     # A blank picture, and one whose margin has the ground's own colour: nothing shows a sheet.
     assert looks.find_sheet(Image.new("RGB", (224, 224), (30, 30, 30))) is None
     assert looks.find_sheet(damage.on_a_surface(picture, 0.8, ground)) is None
+
+
+def test_the_closing_is_pils_max_and_min_filters_pixel_for_pixel():
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    for height, width, side in [(56, 56, 25), (31, 47, 9), (20, 12, 13)]:  # a square wider than the picture too
+        values = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        picture = Image.fromarray(values)
+        assert np.array_equal(looks.square_filter(values, side, np.max),
+                              np.asarray(picture.filter(ImageFilter.MaxFilter(side))))
+        assert np.array_equal(looks.square_filter(values, side, np.min),
+                              np.asarray(picture.filter(ImageFilter.MinFilter(side))))
+
+
+def test_growing_along_runs_reaches_what_growing_a_pixel_at_a_time_does():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        like = rng.random((30, 40)) < 0.7
+        down, across = rng.random((29, 40)) < 0.8, rng.random((30, 39)) < 0.8
+        slow = np.zeros_like(like)
+        slow[[0, -1], :], slow[:, [0, -1]] = like[[0, -1], :], like[:, [0, -1]]  # the edge's like pixels
+        while True:  # one pixel a round, 4-connected, through joined neighbours that are `like`
+            grown = slow.copy()
+            grown[1:] |= slow[:-1] & down
+            grown[:-1] |= slow[1:] & down
+            grown[:, 1:] |= slow[:, :-1] & across
+            grown[:, :-1] |= slow[:, 1:] & across
+            grown &= like
+            if (grown == slow).all():
+                break
+            slow = grown
+        fast = looks.reached_from_edge(like, down, across)
+        assert np.array_equal(fast, slow)
