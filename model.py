@@ -49,7 +49,6 @@ READ_BATCH = 128  # pictures decoded together: short rows leave a small batch's 
 # A training batch's rows are packed into one and its target tokens gathered, each padded to a
 # multiple of this: a run then meets few sizes, and each size's FLOPs are counted once (cost.py).
 PACK_MULTIPLE = 16
-BLOCK_MULTIPLE = 8  # and packed_rows_attention pads each picture's block to a multiple of this, for the same reason
 PROJECTORS = ("patch_mlp", "mlp2x_gelu", "linear")
 PATCH_CODE = 64  # patch_mlp: numbers per patch after the shared map
 
@@ -436,10 +435,9 @@ class DiagramReader(nn.Module):
         return reader
 
     def use_attention_for(self, device: torch.device) -> "DiagramReader":
-        """On a CPU, plain (eager) attention, each packed training row's pictures attending to
-        themselves alone (`packed_rows_attention`): torch's fused kernel is slower for these
-        short rows (docs/LOG.md). PyTorch's fused SDPA, the default, on a GPU."""
-        self.llm.set_attn_implementation(PACKED_ROWS if device.type == "cpu" else "sdpa")
+        """Eager attention on a CPU, where torch's fused kernel is slower for these short rows
+        (docs/LOG.md); PyTorch's fused SDPA, the default, on a GPU."""
+        self.llm.set_attn_implementation("eager" if device.type == "cpu" else "sdpa")
         return self
 
     # -- prompts
@@ -501,7 +499,7 @@ class DiagramReader(nn.Module):
         # start at 0, which is how transformers tells packed sequences apart), so that matmuls
         # spend little time on padding (docs/LOG.md). Then a sequence of filler up to the size.
         real = attention_mask.bool()
-        tokens, rows, _, _ = packed_sizes(attention_mask, labels)
+        tokens, rows = packed_sizes(attention_mask, labels)
         n_real = int(real.sum())
         filler = tokens - n_real
         positions = torch.cat([(attention_mask.cumsum(-1) - 1)[real], torch.arange(filler, device=real.device)])
@@ -626,67 +624,12 @@ class DiagramReader(nn.Module):
         return lora, rest + list(self.projector.parameters())
 
 
-def packed_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                          position_ids: torch.Tensor | None = None, **kwargs):
-    """Attention over one packed row of several sequences (the training forward: position ids
-    start again at 0 at each picture's), each attending causally to itself alone: block by
-    block, the blocks padded to the longest, instead of the row's whole square under a
-    mask (at 16 pictures a step, a sixteenth of the work). Anything else (generation, padded
-    batches) is transformers' eager attention."""
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    starts = None
-    if query.shape[0] == 1 and position_ids is not None and position_ids.shape[-1] == query.shape[2]:
-        starts = torch.nonzero(position_ids.reshape(-1) == 0).flatten()
-    if starts is None or len(starts) < 2 or starts[0] != 0:
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
-    groups, count = heads // kv_heads, len(starts)
-    lengths = torch.diff(starts, append=starts.new_tensor([query.shape[2]]))
-    longest = -(-int(lengths.max()) // BLOCK_MULTIPLE) * BLOCK_MULTIPLE
-    offsets = torch.arange(longest, device=query.device)
-    real = offsets < lengths[:, None]  # [blocks, longest]
-    index = torch.where(real, starts[:, None] + offsets, 0)  # padding reads the first token; masked below
-    # Query heads in groups that share a key head (as repeat_kv would copy it): [blocks, kv, groups * longest, dim]
-    q = query[0][:, index].view(kv_heads, groups, count, longest, dim).permute(2, 0, 1, 3, 4)
-    q = q.reshape(count, kv_heads, groups * longest, dim)
-    k, v = key[0][:, index].transpose(0, 1), value[0][:, index].transpose(0, 1)  # [blocks, kv, longest, dim]
-    allowed = (offsets[:, None] >= offsets) & real[:, None, :]  # causal, real keys: [blocks, longest, longest]
-    scores = (q @ k.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~allowed.repeat(1, groups, 1)[:, None], torch.finfo(scores.dtype).min)
-    weights = F.dropout(scores.softmax(-1, dtype=torch.float32).to(query.dtype), dropout, module.training)
-    out = (weights @ v).view(count, heads, longest, dim).transpose(1, 2)  # [blocks, longest, heads, dim]
-    return out[real][None], None
-
-
-PACKED_ROWS = "packed_rows"
-
-
-def register_packed_rows_attention():
-    """Make PACKED_ROWS an attention implementation transformers knows, with eager's mask."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(PACKED_ROWS, packed_rows_attention)
-    AttentionMaskInterface.register(PACKED_ROWS, eager_mask)
-
-
-register_packed_rows_attention()
-
-
-def packed_sizes(attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
-    """What the FLOPs of a training batch's step depend on: its packed tokens and target
-    tokens, each rounded up to PACK_MULTIPLE, and the blocks `packed_rows_attention` attends
-    in: how many (the pictures, and the filler at the row's end where there is one) and their
-    padded length."""
-    def up(n, multiple=PACK_MULTIPLE):
-        return -(-n // multiple) * multiple
-    lengths = attention_mask.sum(-1)
-    tokens = up(int(lengths.sum()))
-    filler = tokens - int(lengths.sum())
-    return (tokens, up(int((labels != IGNORE).sum())), len(lengths) + (filler > 0),
-            up(max(int(lengths.max()), filler), BLOCK_MULTIPLE))
+def packed_sizes(attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """A training batch's packed tokens and target tokens, each rounded up to PACK_MULTIPLE:
+    what the FLOPs of its step depend on."""
+    def up(n):
+        return -(-n // PACK_MULTIPLE) * PACK_MULTIPLE
+    return up(int(attention_mask.sum())), up(int((labels != IGNORE).sum()))
 
 
 def picture_head(language: languages.Language) -> tuple[int, int] | None:

@@ -152,7 +152,7 @@ def test_loss_on_kept_logits_equals_the_full_loss_and_ignores_padding(reader):
     assert loss.item() == pytest.approx(total / count, abs=1e-4)
 
 
-def test_attention_on_a_cpu_gives_the_fused_kernels_loss_and_generation(reader):
+def test_eager_attention_on_a_cpu_gives_the_fused_kernels_loss_and_generation(reader):
     images = torch.randn(3, 2, T, 64)
     texts = diagram_texts(6, seed=5)
     batch = reader.collate(images, [[t] for t in texts[:3]], texts[3:])  # rows of different lengths: padded
@@ -160,7 +160,7 @@ def test_attention_on_a_cpu_gives_the_fused_kernels_loss_and_generation(reader):
         fused = reader.use_attention_for(torch.device("cuda"))(**batch)  # "sdpa": only the choice, no GPU needed
         fused_reading = reader.read_features(images[:, 1])
         eager = reader.use_attention_for(torch.device("cpu"))(**batch)
-    assert reader.llm.config._attn_implementation == model.PACKED_ROWS
+    assert reader.llm.config._attn_implementation == "eager"
     assert torch.allclose(fused, eager, atol=1e-5)
     texts, confidences = reader.read_features(images[:, 1])
     assert texts == fused_reading[0] and confidences == pytest.approx(fused_reading[1], rel=1e-4)
@@ -402,33 +402,3 @@ def test_a_reading_s_flops_counted_call_by_call_equal_counting_all_of_it(reader)
     assert run.by_shape == shapes  # the second reading met no new shape: nothing counted again
     assert {key[1] for key in shapes} == {"VisionEncoder", "Projector", "LlamaForCausalLM"}
     assert all("forward" not in vars(part) for part in reader.computing_parts())  # the classes' own again
-
-
-def test_packed_rows_attention_is_eager_attention_under_the_packed_mask_and_so_are_its_gradients():
-    from types import SimpleNamespace
-
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    torch.manual_seed(0)
-    lengths = [5, 9, 3, 11]  # several pictures' sequences in one row, and a filler block at its end
-    n, heads, kv_heads, dim = sum(lengths), 6, 2, 8
-    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
-    block = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    allowed = (block[:, None] == block) & (torch.arange(n)[:, None] >= torch.arange(n))
-    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
-    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
-    inputs = [torch.randn(1, h, n, dim, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
-    results = []
-    for attention, attention_mask in ((model.packed_rows_attention, None), (eager_attention_forward, mask)):
-        out, _ = attention(module, *inputs, attention_mask, 0.3, position_ids=position_ids)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append((out.detach(), [x.grad.clone() for x in inputs]))
-        for x in inputs:
-            x.grad = None
-    (packed, packed_grads), (eager, eager_grads) = results
-    assert packed.shape == eager.shape == (1, n, heads, dim)
-    assert torch.allclose(packed, eager, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(packed_grads, eager_grads))
-    # One sequence, or a batch of rows (generation): eager attention itself.
-    single, _ = model.packed_rows_attention(module, *inputs, None, 0.3, position_ids=torch.arange(n)[None])
-    assert torch.equal(single, eager_attention_forward(module, *inputs, None, 0.3)[0])
