@@ -1,6 +1,7 @@
 """A web page to try a checkpoint: upload a picture or draw a diagram; see its DSL, the prediction
 drawn beside it, the confidence, the agreement, and a flag when the reading is doubtful (the
-confidence, or the picture head's probability of the reading, below --doubtful_below).
+confidence, or the picture head's probability of the reading, below --doubtful_below; or the
+ink fitting another reading, where the DSL can tell).
 
     python app.py --checkpoint checkpoints        # then open http://127.0.0.1:7860
 
@@ -32,7 +33,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported (i
 class Arguments:
     checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
-    doubtful_below: float = setting(0.9, "flag a reading as doubtful below this confidence or picture check")
+    doubtful_below: float = setting(0.5, "flag a reading as doubtful below this confidence or picture check "
+                                               "(and where the ink fits another reading)")
     port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
     host: str | None = setting(None, "the address (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0: all "
                                      "networks)")
@@ -78,9 +80,8 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
                                      f"under {data.MIN_SIDE} on a side."
     reading = inference.read(reader, [picture])[0]
     confidence, agreement, check = float(reading.confidence), reading.agreement, reading.picture_check
-    doubts = inference.doubts(confidence, check, doubtful_below)
-    ink = ("" if agreement is None else " The ink agrees." if agreement == 1 else  # None: the DSL cannot compare
-           f" Not all the ink is where the prediction draws (agreement {agreement:.2f}).")
+    doubts = inference.doubts(confidence, check, agreement, doubtful_below)
+    ink = " The ink agrees." if agreement == 1 else ""  # None: the DSL cannot compare
     verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**.") + ink
     drawn = inference.render_side_by_side(picture, reading.dsl, reader.language)
     return (reading.dsl.rstrip(), drawn, round(confidence, 3), None if agreement is None else round(agreement, 2),

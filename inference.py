@@ -45,7 +45,8 @@ class Arguments:
     llm: str = setting("", "load the base LLM from here instead (the same model, moved)")
     skip_bad_rows: bool = setting(False, "read the good rows of a CSV with bad ones")
     constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
-    flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this")
+    flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this, "
+                                           "or the ink fitting another reading (0: no list)")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
@@ -89,20 +90,21 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
     return readings
 
 
-def doubts(confidence: float, picture_check: float | None, below: float) -> list[str]:
+def doubts(confidence: float, picture_check: float | None, agreement: float | None, below: float) -> list[str]:
     """Why a reading is doubtful, one phrase a reason: the LLM's confidence, or the picture head's
-    probability of the reading, below `below`; none when it is not. (Agreement is shown, not
-    flagged: on photos and sheets its quadrants of the frame are not the diagram's, and it
-    flagged right readings more often than wrong ones.)"""
+    probability of the reading, below `below`; the ink fitting another reading in some quadrant
+    (agreement below 1, where the DSL has a render-and-compare); none when it is not."""
     reasons = [f"confidence {confidence:.3f} is below {below}"] if confidence < below else []
     if picture_check is not None and picture_check < below:
         reasons += [f"the image tokens alone give it {picture_check:.3f}"]
+    if agreement is not None and agreement < 1:
+        reasons += [f"the ink fits another reading (agreement {agreement:.2f})"]
     return reasons
 
 
-def doubtful(confidence: float, picture_check: float | None, below: float) -> bool:
+def doubtful(confidence: float, picture_check: float | None, agreement: float | None, below: float) -> bool:
     """The doubt flag: any of `doubts`."""
-    return bool(doubts(confidence, picture_check, below))
+    return bool(doubts(confidence, picture_check, agreement, below))
 
 
 def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,
@@ -238,8 +240,10 @@ def main(args: Arguments, image_args: list[str]) -> int:
     for path, reading in zip(paths, readings):
         print(f"# {path} (confidence {reading.confidence:.3f}{notes(reading)})\n{reading.dsl.rstrip()}")
     if args.flag_below:
-        flagged = [(p, r) for p, r in zip(paths, readings) if doubtful(r.confidence, r.picture_check, args.flag_below)]
-        print(f"{len(flagged)} doubtful of {len(paths)} (confidence or picture check below {args.flag_below}):",
+        flagged = [(p, r) for p, r in zip(paths, readings) if doubtful(r.confidence, r.picture_check, r.agreement,
+                                                                             args.flag_below)]
+        print(f"{len(flagged)} doubtful of {len(paths)} (confidence or picture check below {args.flag_below}, "
+              "or the ink fits another reading):",
               file=sys.stderr)
         for path, reading in flagged:
             print(f"  {path}: confidence {reading.confidence:.3f}{notes(reading)}", file=sys.stderr)

@@ -170,25 +170,17 @@ def picture(text: str, size: int) -> Image.Image:
     return render(dsl.parse(text), size)
 
 
-def ink_by_quadrant(image: Image.Image) -> list[bool]:
-    """Per quadrant (TopLeft, TopRight, BottomLeft, BottomRight): is anything drawn there?
-    Ink is a pixel far from its quadrant's median colour in any channel (darker or lighter:
-    dark mode too; the median, not the picture's, so that uneven light is not ink), and a
-    quadrant has some when over 0.5% of its pixels are ink (a small thin outline is ~2%)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=float)
-    half_h, half_w = pixels.shape[0] // 2, pixels.shape[1] // 2
-    quadrants = [pixels[:half_h, :half_w], pixels[:half_h, half_w:], pixels[half_h:, :half_w], pixels[half_h:, half_w:]]
-    return [(np.abs(q - np.median(q.reshape(-1, 3), axis=0)).max(-1) > 60).mean() > 0.005 for q in quadrants]
-
-
 def agreement(image: Image.Image, prediction: str) -> float:
-    """Render and compare: the share of quadrants where the picture has ink exactly where the
-    prediction, drawn here, has an element (0 for an output that does not parse)."""
+    """Render and compare: the share of quadrants where the prediction says what the picture's
+    ink fits (ink_fit.py: the size and shape that fit each quadrant's ink, or no element where
+    there is none); 0 for an output that does not parse."""
+    import ink_fit  # here: it reads this module's sizes
+
     diagram = dsl.parse_or_none(prediction)
     if diagram is None:
         return 0.0
-    drawn = ink_by_quadrant(render(diagram, image.width))
-    return sum(a == b for a, b in zip(ink_by_quadrant(image), drawn)) / 4
+    said = {e.position: (e.size, e.shape) for e in diagram.elements}
+    return sum(said.get(position) == fit for position, fit in zip(dsl.POSITIONS, ink_fit.fitted(image))) / 4
 
 
 def main(argv=None):

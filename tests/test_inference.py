@@ -1,4 +1,4 @@
-"""renderer.py's render-and-compare agreement: ink where the prediction says, none elsewhere."""
+"""renderer.py's render-and-compare agreement (ink_fit.py): what the ink fits, quadrant by quadrant; and calibration."""
 
 import random
 

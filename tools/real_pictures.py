@@ -77,7 +77,7 @@ from settings import setting
 
 KINDS = ("sketch", "photo", "margin_edge", "margin_no_edge", "dark")
 SCORED_BY_SHAPE_AND_POSITION = ("margin_no_edge",)  # where size cannot be seen
-DOUBT_CONFIDENCE = 0.9  # the doubt flag: confidence or picture check below this
+DOUBT_CONFIDENCE = 0.5  # the doubt flag: confidence or picture check below this, or agreement below 1
 
 # docs/SPEC.md's rendering envelope, in quadrants (q = half the canvas side).
 QUADRANT_SHARE = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}  # side of the bounding box
@@ -547,11 +547,12 @@ def shape_position_scores(predictions: list[str], references: list[str]) -> dict
             "shape_position_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
 
 
-def doubtful(confidence: float, picture_check: float | None) -> bool:
-    """inference.py's doubt flag at --flag_below 0.9: confidence or picture check below it."""
+def doubtful(confidence: float, picture_check: float | None, agreement: float | None) -> bool:
+    """inference.py's doubt flag at --flag_below DOUBT_CONFIDENCE: confidence or picture check
+    below it, or the ink fitting another reading (agreement below 1)."""
     import inference  # here, not at the top: drawing alone needs neither torch nor the model's code
 
-    return inference.doubtful(confidence, picture_check, DOUBT_CONFIDENCE)
+    return inference.doubtful(confidence, picture_check, agreement, DOUBT_CONFIDENCE)
 
 
 def flag_quality(right: list[bool], flagged: list[bool]) -> dict:
@@ -576,7 +577,7 @@ def score_kind(kind: str, readings, references: list[str], language) -> dict:
         result.update({k: v for k, v in shape_position_scores(predictions, references).items() if k != "n"})
         right = [shape_position_scores([p], [r])["shape_position_exact"] == 1 for p, r in zip(predictions, references)]
         judged_by = "shape_position"
-    flag = flag_quality(right, [doubtful(r.confidence, r.picture_check) for r in readings])
+    flag = flag_quality(right, [doubtful(r.confidence, r.picture_check, r.agreement) for r in readings])
     result.update({f"flag_{k}": v for k, v in flag.items()}, flag_judged_by=judged_by)
     return result
 
@@ -620,7 +621,7 @@ def main(args: Arguments) -> dict | None:
         results[kind] = score_kind(kind, readings, references, reader.language)
         print_kind(kind, results[kind])
     summary = {"tool": "real_pictures", "checkpoint": args.checkpoint, "seed": args.seed, "num": args.num,
-               "size": args.size, "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}",
+               "size": args.size, "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, or agreement < 1",
                "kinds": results}
     print(json.dumps(rounded(summary)))
     return summary

@@ -84,7 +84,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(reader, doubtful_below: float = 0.9):
+def serve(reader, doubtful_below: float = 0.5):
     """app.py's page for this reader, served on a free port of 127.0.0.1: (page, its address)."""
     import app
 
