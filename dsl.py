@@ -27,6 +27,10 @@ from math import comb
 SIZES = ("Large", "Medium", "Small")
 SHAPES = ("Circle", "Square", "Triangle")
 POSITIONS = ("TopLeft", "TopRight", "BottomLeft", "BottomRight")  # also the canonical line order
+# Where things are in a picture (docs/SPEC.md): each position is a quadrant of side q, given as
+# its (column, row); each size is the side of an element's bounding box, as a share of q.
+QUADRANT_OFFSET = {"TopLeft": (0, 0), "TopRight": (1, 0), "BottomLeft": (0, 1), "BottomRight": (1, 1)}
+SIDE_FRACTION = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}
 START, END = "<StartDiagram>", "<EndDiagram>"
 
 # The special tokens the language model learns: each tag becomes one token.

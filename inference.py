@@ -60,8 +60,8 @@ class Reading:
     dsl: str  # the canonical DSL text (the raw output where it does not parse: never with grammar decoding)
     valid: bool  # the text parses under the DSL
     confidence: float  # the lowest probability the model gave to a token it chose
-    # Render and compare, for a DSL that has it (diagram: share of quadrants where the picture has
-    # ink exactly where the DSL draws an element); None for one without.
+    # Render and compare, for a DSL that has it (diagram: the share of quadrants where the reading
+    # says what the ink there fits, ink_fit.py); None for one without.
     agreement: float | None
     # The picture head's probability of what the reading says, from the image tokens alone
     # (DiagramReader.picture_check); None for a model without the head.

@@ -4,7 +4,7 @@ measured without the model, so that a reading can be checked against it (rendere
 Each quadrant's ink (after the scanned look: grey, dark ink on white, the sheet cropped) is
 closed into its convex hull, so that outlines, filled shapes, pen strokes that do not quite
 close and thin lines all become the same solid silhouette (every shape of the DSL is convex).
-Its bounding box gives the size (the nearest of renderer.SIDE_FRACTION) and the shape is the
+Its bounding box gives the size (the nearest of dsl.SIDE_FRACTION) and the shape is the
 one whose silhouette, drawn in that box, overlaps the hull best. docs/SPEC.md gives the numbers.
 It needs only numpy and PIL."""
 
@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import dsl
 import looks
-import renderer
 
 SIDE = 224  # pixels the picture is measured at
 INK_BELOW = 160  # grey level (0-255) under which a pixel of the scanned look is ink
@@ -109,7 +108,7 @@ def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
         return (hull & drawn).sum() / (hull | drawn).sum()
 
     side = max(width, height) / q
-    size = min(renderer.SIDE_FRACTION, key=lambda name: abs(renderer.SIDE_FRACTION[name] - side))
+    size = min(dsl.SIDE_FRACTION, key=lambda name: abs(dsl.SIDE_FRACTION[name] - side))
     return size, max(dsl.SHAPES, key=overlap)
 
 
@@ -117,4 +116,4 @@ def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
     """Per position (dsl.POSITIONS' order): the (size, shape) the ink there fits, or None."""
     dots, h = ink(picture), SIDE // 2
     return [fit_quadrant(dots[top:top + h, left:left + h]) for left, top in
-            ((renderer.QUADRANT_OFFSET[p][0] * h, renderer.QUADRANT_OFFSET[p][1] * h) for p in dsl.POSITIONS)]
+            ((dsl.QUADRANT_OFFSET[p][0] * h, dsl.QUADRANT_OFFSET[p][1] * h) for p in dsl.POSITIONS)]

@@ -24,11 +24,10 @@ from PIL import Image, ImageDraw
 
 import dsl
 import files
+import ink_fit
 
-SIDE_FRACTION = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}  # of the quadrant side q
 SIZE_JITTER = 0.03  # +- fraction of q on the side
 CENTRE_JITTER = 0.06  # +- fraction of q on each axis
-QUADRANT_OFFSET = {"TopLeft": (0, 0), "TopRight": (1, 0), "BottomLeft": (0, 1), "BottomRight": (1, 1)}
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,8 @@ def element_box(element: dsl.Element, size: int, style: Style = NOMINAL,
                 rng: random.Random | None = None) -> tuple[float, float, float]:
     """(centre x, centre y, side) in pixels of an element's bounding box."""
     q = size / 2
-    side = SIDE_FRACTION[element.size] * q
-    column, row = QUADRANT_OFFSET[element.position]
+    side = dsl.SIDE_FRACTION[element.size] * q
+    column, row = dsl.QUADRANT_OFFSET[element.position]
     cx, cy = (column + 0.5) * q, (row + 0.5) * q
     if style.jitter:
         rng = rng or random.Random()
@@ -174,8 +173,6 @@ def agreement(image: Image.Image, prediction: str) -> float:
     """Render and compare: the share of quadrants where the prediction says what the picture's
     ink fits (ink_fit.py: the size and shape that fit each quadrant's ink, or no element where
     there is none); 0 for an output that does not parse."""
-    import ink_fit  # here: it reads this module's sizes
-
     diagram = dsl.parse_or_none(prediction)
     if diagram is None:
         return 0.0

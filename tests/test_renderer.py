@@ -28,7 +28,7 @@ def ink_boxes(image: Image.Image, background=(255, 255, 255)):
     dark = np.any(pixels != np.array(background), axis=2)
     q = pixels.shape[0] // 2
     boxes = {}
-    for position, (column, row) in renderer.QUADRANT_OFFSET.items():
+    for position, (column, row) in dsl.QUADRANT_OFFSET.items():
         ys, xs = np.nonzero(dark[row * q:(row + 1) * q, column * q:(column + 1) * q])
         boxes[position] = None if len(xs) == 0 else (
             xs.max() - xs.min() + 1, ys.max() - ys.min() + 1, (xs.max() + xs.min() + 1) / 2, (ys.max() + ys.min() + 1) / 2)
