@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -33,6 +34,9 @@ from model import READ_BATCH, DiagramReader
 from settings import setting
 
 PICTURES_IN_MEMORY = 256  # pictures decoded from their files at a time
+# How much less likely (in nats) the model may find the ink's own reading and still be overruled
+# by it: chosen on the training code's own pictures, photo-damaged and zoomed out (docs/LOG.md).
+INK_MARGIN = 6.0
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Arguments:
     llm: str = setting("", "load the base LLM from here instead (the same model, moved)")
     skip_bad_rows: bool = setting(False, "read the good rows of a CSV with bad ones")
     constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
+    ink_margin: float = setting(INK_MARGIN, "take the ink's own reading where the DSL has one and the model gives it "
+                                            "a log-probability at most this far below its own (0: never)")
     flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this, "
                                            "or the ink fitting another reading (0: no list)")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
@@ -69,7 +75,7 @@ class Reading:
 
 
 def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
-         constrained: bool = True, progress=None) -> list[Reading]:
+         constrained: bool = True, progress=None, ink_margin: float = INK_MARGIN) -> list[Reading]:
     """Read pictures (PIL images or files): each one's DSL, confidence, agreement and picture check.
 
         reader = inference.load("checkpoints")
@@ -77,17 +83,36 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
             print(reading.dsl, reading.confidence, reading.agreement)
     """
     language, readings = reader.language, []
-    agreement = language.part("agreement")
+    agreement, ink_reading = language.part("agreement"), language.part("ink_reading")
     for start in range(0, len(pictures), PICTURES_IN_MEMORY):
         chunk = [picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
                  for picture in pictures[start:start + PICTURES_IN_MEMORY]]
         features = reader.vision.encode(chunk, progress=progress)
         texts, confidences = reader.read_features(features, batch_size, constrained, progress)
+        if ink_reading and ink_margin:
+            texts, confidences = prefer_the_ink(reader, features, chunk, texts, confidences, ink_reading, ink_margin)
         checks = reader.picture_check(features, texts)
         readings += [Reading(language.canonical_or_raw(text), language.is_valid(text), confidence,
                              agreement(picture, text) if agreement else None, check)
                      for picture, text, confidence, check in zip(chunk, texts, confidences, checks)]
     return readings
+
+
+def prefer_the_ink(reader: DiagramReader, features: torch.Tensor, pictures: list[Image.Image], texts: list[str],
+                   confidences: list[float], ink_reading, margin: float) -> tuple[list[str], list[float]]:
+    """Two candidates reranked by render and compare, as DeTikZify reranks its candidates by how
+    like the picture their renders are: where the ink alone reads otherwise than the model (the
+    DSL's ink_reading) and the model gives that reading a log-probability at most `margin`
+    below its own, the ink's reading is taken, with the model's confidence in it."""
+    texts, confidences = list(texts), list(confidences)
+    for i, picture in enumerate(pictures):
+        other = ink_reading(picture)
+        if other is None or other == reader.language.canonical_or_raw(texts[i]):
+            continue
+        (own, _), (theirs, least) = reader.score_texts(features[i:i + 1].repeat(2, 1, 1), [texts[i], other])
+        if theirs >= own - margin:
+            texts[i], confidences[i] = other, least
+    return texts, confidences
 
 
 def doubts(confidence: float, picture_check: float | None, agreement: float | None, below: float) -> list[str]:
@@ -233,7 +258,7 @@ def main(args: Arguments, image_args: list[str]) -> int:
 
     reader = load(args.checkpoint, args.device, args.dtype, args.llm)
     with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
-        readings = read(reader, paths, args.batch_size, args.constrained, progress=bar)
+        readings = read(reader, paths, args.batch_size, args.constrained, progress=bar, ink_margin=args.ink_margin)
     predictions = [r.dsl for r in readings]
     confidences = [r.confidence for r in readings]
     agreements = [r.agreement for r in readings]

@@ -10,6 +10,8 @@ It needs only numpy and PIL."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -114,6 +116,18 @@ def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
 
 def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
     """Per position (dsl.POSITIONS' order): the (size, shape) the ink there fits, or None."""
-    dots, h = ink(picture), SIDE // 2
-    return [fit_quadrant(dots[top:top + h, left:left + h]) for left, top in
-            ((dsl.QUADRANT_OFFSET[p][0] * h, dsl.QUADRANT_OFFSET[p][1] * h) for p in dsl.POSITIONS)]
+    picture = picture.convert("RGB")
+    return list(fitted_pixels(picture.tobytes(), picture.size))
+
+
+@functools.lru_cache(maxsize=64)  # a reading asks about one picture twice: the ink's reading, the agreement
+def fitted_pixels(pixels: bytes, size: tuple[int, int]) -> tuple[tuple[str, str] | None, ...]:
+    dots, h = ink(Image.frombytes("RGB", size, pixels)), SIDE // 2
+    return tuple(fit_quadrant(dots[top:top + h, left:left + h]) for left, top in
+                 ((dsl.QUADRANT_OFFSET[p][0] * h, dsl.QUADRANT_OFFSET[p][1] * h) for p in dsl.POSITIONS))
+
+
+def reading(picture: Image.Image) -> str | None:
+    """What the ink alone reads, as the DSL's canonical text; None where it fits no element."""
+    elements = [dsl.Element(*fit, position) for position, fit in zip(dsl.POSITIONS, fitted(picture)) if fit]
+    return dsl.to_text(dsl.Diagram(elements)) if elements else None

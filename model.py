@@ -552,6 +552,25 @@ class DiagramReader(nn.Module):
             confidences.append(min(row_probabilities[:length]))
         return texts, confidences
 
+    @torch.no_grad()
+    def score_texts(self, features: torch.Tensor, texts: list[str]) -> list[tuple[float, float]]:
+        """Each text as the model's reading of its picture, teacher-forced after the solved
+        examples: (the sum of its tokens' log-probabilities, the least probability of one of
+        them, as generate's confidence counts it). features: [N, T, D], a picture a text."""
+        self.eval()
+        example_features, example_dsls = self.prompt_examples()
+        batch = self.collate(with_examples(example_features, features), [example_dsls] * len(texts), texts)
+        device = self.projector.feature_mean.device
+        embeddings = self.embed(batch["input_ids"].to(device), self.projector(batch["features"].to(device)))
+        logits = self.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"].to(device)).logits
+        log_probabilities = logits[:, :-1].float().log_softmax(-1)
+        scores = []
+        for row, labels in zip(log_probabilities, batch["labels"][:, 1:].to(device)):
+            targets = labels[labels != IGNORE]
+            chosen = row[labels != IGNORE].gather(-1, targets[:, None])[:, 0]
+            scores.append((float(chosen.sum()), float(chosen.exp().min())))
+        return scores
+
     def prompt_examples(self) -> tuple[torch.Tensor, list[str]]:
         """The solved examples as the prompt shows them: vision features [shots, T, D], DSL texts."""
         return self.vision.encode([image for image, _ in self.examples]), [text for _, text in self.examples]

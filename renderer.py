@@ -180,6 +180,12 @@ def agreement(image: Image.Image, prediction: str) -> float:
     return sum(said.get(position) == fit for position, fit in zip(dsl.POSITIONS, ink_fit.fitted(image))) / 4
 
 
+def ink_reading(image: Image.Image) -> str | None:
+    """The reading the ink alone fits (ink_fit.py), a candidate beside the model's; None where
+    it fits no element."""
+    return ink_fit.reading(image)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Render a diagram DSL file to an image.")
     parser.add_argument("file", help="DSL file, or - for standard input")

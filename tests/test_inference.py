@@ -39,3 +39,33 @@ def test_calibration_error_weighs_each_bins_gap_by_its_pictures():
     assert [(b["low"], b["n"]) for b in bins] == [(0.5, 2), (0.9, 6)]
     assert abs(ece - (6 * abs(0.9667 - 5 / 6) + 2 * 0.05) / 8) < 1e-3
     assert inference.calibration([0.99] * 4, [True] * 4)[0] < 0.011
+
+
+def test_the_inks_reading_is_taken_where_the_model_finds_it_nearly_as_likely():
+    from types import SimpleNamespace
+
+    import torch
+
+    import inference
+
+    own = dsl.canonical("<StartDiagram> <Large> <Circle> <TopLeft> <EndDiagram>")
+    ink = dsl.canonical("<StartDiagram> <Large> <Square> <TopLeft> <EndDiagram>")  # as ink_reading writes it
+
+    class Reader:
+        language = SimpleNamespace(canonical_or_raw=dsl.canonical)
+
+        def __init__(self, gap):
+            self.gap = gap
+
+        def score_texts(self, features, texts):
+            return [(-1.0, 0.9), (-1.0 - self.gap, 0.2)]
+
+    pictures, features = [Image.new("RGB", (8, 8))] * 2, torch.zeros(2, 1, 1)
+    near, far = Reader(inference.INK_MARGIN - 1), Reader(inference.INK_MARGIN + 1)
+    assert inference.prefer_the_ink(near, features, pictures, [own, own], [0.9, 0.9], lambda p: ink, inference.INK_MARGIN) == \
+        ([ink, ink], [0.2, 0.2])
+    assert inference.prefer_the_ink(far, features, pictures, [own, own], [0.9, 0.9], lambda p: ink, inference.INK_MARGIN) == \
+        ([own, own], [0.9, 0.9])
+    # No ink to read, or the ink reads what the model did: nothing to weigh.
+    assert inference.prefer_the_ink(near, features, pictures[:1], [own], [0.9], lambda p: None, inference.INK_MARGIN) == ([own], [0.9])
+    assert inference.prefer_the_ink(near, features, pictures[:1], [ink], [0.9], lambda p: ink, inference.INK_MARGIN) == ([ink], [0.9])

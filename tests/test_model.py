@@ -402,3 +402,15 @@ def test_a_reading_s_flops_counted_call_by_call_equal_counting_all_of_it(reader)
     assert run.by_shape == shapes  # the second reading met no new shape: nothing counted again
     assert {key[1] for key in shapes} == {"VisionEncoder", "Projector", "LlamaForCausalLM"}
     assert all("forward" not in vars(part) for part in reader.computing_parts())  # the classes' own again
+
+
+def test_a_reading_scored_teacher_forced_has_the_confidence_generation_gave_it(tiny_llm, tiny_clip):
+    torch.manual_seed(0)
+    reader = model.DiagramReader.build(tiny_config(tiny_llm, tiny_clip))
+    features = reader.vision.encode(noise_images(3))
+    texts, confidences = reader.read_features(features, batch_size=1)
+    scores = reader.score_texts(features, texts)
+    assert [least for _, least in scores] == pytest.approx(confidences, rel=1e-3)
+    assert all(total <= np.log(least) + 1e-6 for total, least in scores)
+    other = "<StartDiagram>\n  <Small> <Triangle> <BottomRight>\n<EndDiagram>\n"
+    assert reader.score_texts(features[:1], [other])[0] != scores[0]
