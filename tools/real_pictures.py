@@ -49,7 +49,8 @@ pictures meets a drawing it has never seen. The kinds:
 With --checkpoint it reads each kind with the model (`inference.read`) and prints per kind:
 n, exact match, element F1 (the language's score), valid rate, for margin_no_edge exact
 match on shape and position only, and how good the doubt flag is there (the flag: the
-confidence, or the picture head's probability of the reading, below 0.9): the share of
+confidence or the picture head's probability of the reading below 0.5, or the ink fitting
+another reading): the share of
 wrong readings it catches and the share of right readings it flags (right: exact match;
 for margin_no_edge: shape and position right). The last line is one JSON object with all of it, to paste into docs/LOG.md.
 """
