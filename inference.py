@@ -52,7 +52,7 @@ class Arguments:
     ink_margin: float = setting(INK_MARGIN, "take the ink's own reading where the DSL has one and the model gives it "
                                             "a log-probability at most this far below its own (0: never)")
     flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this, "
-                                           "or the ink fitting another reading (0: no list)")
+                                     "or the ink fitting another reading (0: no list)")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
@@ -265,11 +265,10 @@ def main(args: Arguments, image_args: list[str]) -> int:
     for path, reading in zip(paths, readings):
         print(f"# {path} (confidence {reading.confidence:.3f}{notes(reading)})\n{reading.dsl.rstrip()}")
     if args.flag_below:
-        flagged = [(p, r) for p, r in zip(paths, readings) if doubtful(r.confidence, r.picture_check, r.agreement,
-                                                                             args.flag_below)]
+        flagged = [(p, r) for p, r in zip(paths, readings)
+                   if doubtful(r.confidence, r.picture_check, r.agreement, args.flag_below)]
         print(f"{len(flagged)} doubtful of {len(paths)} (confidence or picture check below {args.flag_below}, "
-              "or the ink fits another reading):",
-              file=sys.stderr)
+              "or the ink fits another reading):", file=sys.stderr)
         for path, reading in flagged:
             print(f"  {path}: confidence {reading.confidence:.3f}{notes(reading)}", file=sys.stderr)
 
