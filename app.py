@@ -34,7 +34,7 @@ class Arguments:
     checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
     doubtful_below: float = setting(0.5, "flag a reading as doubtful below this confidence or picture check "
-                                               "(and where the ink fits another reading)")
+                                         "(and where the ink fits another reading)")
     port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
     host: str | None = setting(None, "the address (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0: all "
                                      "networks)")

@@ -105,13 +105,16 @@ def prefer_the_ink(reader: DiagramReader, features: torch.Tensor, pictures: list
     DSL's ink_reading) and the model gives that reading a log-probability at most `margin`
     below its own, the ink's reading is taken, with the model's confidence in it."""
     texts, confidences = list(texts), list(confidences)
-    for i, picture in enumerate(pictures):
-        other = ink_reading(picture)
-        if other is None or other == reader.language.canonical_or_raw(texts[i]):
-            continue
-        (own, _), (theirs, least) = reader.score_texts(features[i:i + 1].repeat(2, 1, 1), [texts[i], other])
-        if theirs >= own - margin:
-            texts[i], confidences[i] = other, least
+    others = [ink_reading(picture) for picture in pictures]
+    differ = [i for i, other in enumerate(others)
+              if other is not None and other != reader.language.canonical_or_raw(texts[i])]
+    for start in range(0, len(differ), READ_BATCH // 2):  # both candidates of each picture in one call
+        chunk = differ[start:start + READ_BATCH // 2]
+        scores = reader.score_texts(features[chunk].repeat_interleave(2, dim=0),
+                                    [text for i in chunk for text in (texts[i], others[i])])
+        for i, (own, _), (theirs, least) in zip(chunk, scores[::2], scores[1::2]):
+            if theirs >= own - margin:
+                texts[i], confidences[i] = others[i], least
     return texts, confidences
 
 

@@ -33,6 +33,7 @@ def ink(picture: Image.Image) -> np.ndarray:
                                                                             Image.Resampling.BILINEAR)
     mask = grey.point(lambda v: 255 if v < INK_BELOW else 0)
     neighbours = np.asarray(mask.filter(ImageFilter.BoxBlur(2)), dtype=np.float32) * 25 / 255
+    # BoxBlur keeps whole grey levels: a count of SPECK comes back a hair above or below it
     return without_edge_bands((np.asarray(mask) > 0) & (neighbours >= SPECK - 0.01))
 
 
