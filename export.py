@@ -17,7 +17,7 @@ half folder. It holds:
                             prompt's token ids, the solved examples, the DSL's files, the dtype
     examples/               the solved example pictures the prompt shows (few-shot configurations)
     read.py                 the reader (read_exported.py): it reads as inference.py --ink_margin 0
-                            does (the model alone: the DSL's grammar, batches) and imports only torch, transformers, open_clip,
+                            --find_canvas false does (the model alone: the DSL's grammar, batches) and imports only torch, transformers, open_clip,
                             safetensors, PIL, xgrammar and the files below: python read.py FOLDER picture.png
     grammar.py              constrained decoding from a grammar file (the repo's grammar.py)
     looks.py                the picture as CLIP gets it: as it is, normalised or scanned (the repo's looks.py)

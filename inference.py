@@ -51,6 +51,8 @@ class Arguments:
     constrained: bool = setting(True, "decode by the DSL's grammar: every output parses")
     ink_margin: float = setting(INK_MARGIN, "take the ink's own reading where the DSL has one and the model gives it "
                                             "a log-probability at most this far below its own (0: never)")
+    find_canvas: bool = setting(True, "crop a picture whose diagram is smaller than the frame, with no edge showing, "
+                                      "to the canvas its shapes show, where the DSL can (diagram)")
     flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this, "
                                      "or the ink fitting another reading (0: no list)")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
@@ -75,8 +77,11 @@ class Reading:
 
 
 def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
-         constrained: bool = True, progress=None, ink_margin: float = INK_MARGIN) -> list[Reading]:
+         constrained: bool = True, progress=None, ink_margin: float = INK_MARGIN,
+         find_canvas: bool = True) -> list[Reading]:
     """Read pictures (PIL images or files): each one's DSL, confidence, agreement and picture check.
+    Where the DSL has them: each picture first cropped to its diagram's canvas (find_canvas), and
+    the ink's own reading taken where the model finds it nearly as likely (ink_margin; 0: never).
 
         reader = inference.load("checkpoints")
         for reading in inference.read(reader, ["example.png"]):
@@ -84,9 +89,10 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
     """
     language, readings = reader.language, []
     agreement, ink_reading = language.part("agreement"), language.part("ink_reading")
+    crop_to_canvas = (find_canvas and language.part("crop_to_canvas")) or (lambda picture: picture)
     for start in range(0, len(pictures), PICTURES_IN_MEMORY):
-        chunk = [picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
-                 for picture in pictures[start:start + PICTURES_IN_MEMORY]]
+        chunk = [crop_to_canvas(picture.convert("RGB") if isinstance(picture, Image.Image)
+                                else data.load_image(picture)) for picture in pictures[start:start + PICTURES_IN_MEMORY]]
         features = reader.vision.encode(chunk, progress=progress)
         texts, confidences = reader.read_features(features, batch_size, constrained, progress)
         if ink_reading and ink_margin:
@@ -261,7 +267,8 @@ def main(args: Arguments, image_args: list[str]) -> int:
 
     reader = load(args.checkpoint, args.device, args.dtype, args.llm)
     with tqdm(total=2 * len(paths), desc="reading diagrams", unit="img", file=sys.stderr) as bar:
-        readings = read(reader, paths, args.batch_size, args.constrained, progress=bar, ink_margin=args.ink_margin)
+        readings = read(reader, paths, args.batch_size, args.constrained, progress=bar, ink_margin=args.ink_margin,
+                        find_canvas=args.find_canvas)
     predictions = [r.dsl for r in readings]
     confidences = [r.confidence for r in readings]
     agreements = [r.agreement for r in readings]

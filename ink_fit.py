@@ -6,7 +6,8 @@ closed into its convex hull, so that outlines, filled shapes, pen strokes that d
 close and thin lines all become the same solid silhouette (every shape of the DSL is convex).
 Its bounding box gives the size (the nearest of dsl.SIDE_FRACTION) and the shape is the
 one whose silhouette, drawn in that box, overlaps the hull best. docs/SPEC.md gives the numbers.
-It needs only numpy and PIL."""
+The same shapes' grid shows where a diagram's canvas lies when nothing else does
+(crop_to_canvas). It needs only numpy and PIL."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ EDGE_BAND = 0.08  # share of the side along the frame's edge where desks and sla
 IN_BAND = 0.7  # ink lying this much in that band is the surround, not a shape
 LEAST_SIDE = 0.12  # of the quadrant side: smaller ink is a mark, not a shape
 LEAST_ASPECT = 0.6  # a box thinner than this (short side / long side) is a sliver, not a shape
+# A canvas found smaller than this share of the frame's side is cropped to: the grid's estimate of
+# the canvas strays by about 5% either way, and up to 10% under a slant (docs/LOG.md), so a canvas
+# that fills the frame stays; from about 0.84 down, a Large shape read against the frame is Medium.
+ZOOMED_OUT = 0.88
+CANVAS_SLACK = 0.02  # of the side: ink further than this outside the canvas found says it is wrong
+MOST_PIECES = 64  # more pieces of ink than this is noise, in which no canvas is looked for
 
 
 def ink(picture: Image.Image) -> np.ndarray:
@@ -89,16 +96,29 @@ def silhouette(shape: str, box: tuple[int, int, int, int], side: int) -> np.ndar
     return np.asarray(image) > 0
 
 
-def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
-    """(size, shape) that the quadrant's ink fits best, or None where there is no shape."""
-    q = dots.shape[0]
+def shape_box(dots: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) of a quadrant's ink, or None where it is no shape: too
+    little ink, too small a box, or a sliver."""
     ys, xs = np.nonzero(dots)
     if len(xs) < 12:
         return None
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    return box if shaped(box, dots.shape[0]) else None
+
+
+def shaped(box: tuple[int, int, int, int], q: int) -> bool:
+    """Whether a box of ink is big and square enough for a shape of a quadrant of side q."""
     width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
-    if max(width, height) < LEAST_SIDE * q or min(width, height) < LEAST_ASPECT * max(width, height):
+    return max(width, height) >= LEAST_SIDE * q and min(width, height) >= LEAST_ASPECT * max(width, height)
+
+
+def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
+    """(size, shape) that the quadrant's ink fits best, or None where there is no shape."""
+    q, box = dots.shape[0], shape_box(dots)
+    if box is None:
         return None
+    ys, xs = np.nonzero(dots)
+    width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
     corners = convex_hull(list(zip(xs.tolist(), ys.tolist())))
     if len(corners) < 3:
         return None
@@ -115,6 +135,14 @@ def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
     return size, max(dsl.SHAPES, key=overlap)
 
 
+def quadrants(dots: np.ndarray):
+    """(position, its column and row, its ink) for each quadrant of the frame."""
+    h = SIDE // 2
+    for position in dsl.POSITIONS:
+        column, row = dsl.QUADRANT_OFFSET[position]
+        yield position, column, row, dots[row * h:(row + 1) * h, column * h:(column + 1) * h]
+
+
 def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
     """Per position (dsl.POSITIONS' order): the (size, shape) the ink there fits, or None."""
     picture = picture.convert("RGB")
@@ -123,12 +151,77 @@ def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
 
 @functools.lru_cache(maxsize=64)  # a reading asks about one picture twice: the ink's reading, the agreement
 def fitted_pixels(pixels: bytes, size: tuple[int, int]) -> tuple[tuple[str, str] | None, ...]:
-    dots, h = ink(Image.frombytes("RGB", size, pixels)), SIDE // 2
-    return tuple(fit_quadrant(dots[top:top + h, left:left + h]) for left, top in
-                 ((dsl.QUADRANT_OFFSET[p][0] * h, dsl.QUADRANT_OFFSET[p][1] * h) for p in dsl.POSITIONS))
+    return tuple(fit_quadrant(quadrant) for _, _, _, quadrant in quadrants(ink(Image.frombytes("RGB", size, pixels))))
 
 
 def reading(picture: Image.Image) -> str | None:
     """What the ink alone reads, as the DSL's canonical text; None where it fits no element."""
     elements = [dsl.Element(*fit, position) for position, fit in zip(dsl.POSITIONS, fitted(picture)) if fit]
     return dsl.to_text(dsl.Diagram(elements)) if elements else None
+
+
+def pieces(dots: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The box (left, top, right, bottom) of each connected piece of the ink, joined across a
+    pixel's gap (a thin outline drawn small breaks up); [] for more than MOST_PIECES (noise, not a
+    diagram's strokes)."""
+    mask, boxes = Image.fromarray(np.where(dots, 255, 0).astype(np.uint8)).filter(ImageFilter.MaxFilter(3)), []
+    while (found := np.argwhere(np.asarray(mask) == 255)).size:
+        if len(boxes) == MOST_PIECES:
+            return []
+        y, x = found[0]
+        ImageDraw.floodfill(mask, (int(x), int(y)), len(boxes) + 1)
+        ys, xs = np.nonzero(np.asarray(mask) == len(boxes) + 1)
+        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+    return boxes
+
+
+def canvas(dots: np.ndarray) -> tuple[float, float, float] | None:
+    """The canvas (left, top, side, in the ink's pixels) that the grid of the shapes shows: every
+    shape is centred in its quadrant, so two shapes a column apart are half the canvas's side apart
+    across, and two a row apart half its side apart down. A shape is the pieces of ink whose
+    centres lie in one quadrant of the frame, whole even where they cross into another. None with
+    fewer than two shapes in different columns or rows: one shape alone does not show the scale."""
+    h, boxes = SIDE // 2, {}
+    for left, top, right, bottom in pieces(dots):
+        cell = (int(left + right >= 2 * h), int(top + bottom >= 2 * h))  # its centre's (column, row)
+        was = boxes.get(cell, (left, top, right, bottom))
+        boxes[cell] = (min(was[0], left), min(was[1], top), max(was[2], right), max(was[3], bottom))
+    centres = [((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, column, row)
+               for (column, row), box in boxes.items() if shaped(box, h)]
+    sides = [2 * abs(a[axis] - b[axis]) for i, a in enumerate(centres) for b in centres[i + 1:]
+             for axis in (0, 1) if a[axis + 2] != b[axis + 2]]
+    if not sides:
+        return None
+    side = float(np.median(sides))
+    left = float(np.mean([x - (column + 0.5) * side / 2 for x, _, column, _ in centres]))
+    top = float(np.mean([y - (row + 0.5) * side / 2 for _, y, _, row in centres]))
+    return left, top, side
+
+
+def crop_to_canvas(picture: Image.Image) -> Image.Image:
+    """A picture whose diagram is smaller than the frame, with no edge to show where its canvas
+    ends (a whiteboard, a zoomed-out screenshot), cropped to the canvas its shapes' grid shows
+    (`canvas`) and brought back to its size, so that sizes read against the canvas; as it is where
+    the canvas found fills the frame (ZOOMED_OUT), cannot be found, or would cut some of the ink,
+    and where the ink reaches the frame's edge (the diagram is not smaller than the frame). Cropped
+    in the scanned look's frame: after the crop to a sheet on a surface, where one shows."""
+    picture = picture.convert("RGB")
+    dots = ink(picture)
+    if dots[0].any() or dots[-1].any() or dots[:, 0].any() or dots[:, -1].any():
+        return picture
+    found = canvas(dots)
+    if found is None or found[2] >= ZOOMED_OUT * SIDE:
+        return picture
+    left, top, side = found
+    ys, xs = np.nonzero(dots)
+    slack = CANVAS_SLACK * SIDE
+    if xs.min() < left - slack or ys.min() < top - slack or xs.max() > left + side + slack \
+            or ys.max() > top + side + slack:
+        return picture
+    sheet = looks.crop_to_sheet(picture)
+    across, down = sheet.width / SIDE, sheet.height / SIDE
+    box = (round(left * across), round(top * down), round((left + side) * across), round((top + side) * down))
+    # Where the canvas found reaches past the frame, the frame's ground fills it.
+    cropped = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), sheet.getpixel((0, 0)))
+    cropped.paste(sheet, (-box[0], -box[1]))
+    return cropped.resize(picture.size, Image.Resampling.BICUBIC)

@@ -3,7 +3,7 @@
     python read.py MODEL_FOLDER picture.png [more.png ...]
 
 Needs torch, transformers, open_clip_torch, safetensors, pillow and xgrammar. Reads as the
-repo's inference.py --ink_margin 0 does (the model alone): a batch of pictures at a time, greedy decoding that follows the
+repo's inference.py --ink_margin 0 --find_canvas false does (the model alone): a batch of pictures at a time, greedy decoding that follows the
 DSL's grammar file (grammar.py, looks.py and the DSL's module are in this folder), each picture's
 text printed in the DSL's canonical form.
 """

@@ -186,6 +186,12 @@ def ink_reading(image: Image.Image) -> str | None:
     return ink_fit.reading(image)
 
 
+def crop_to_canvas(image: Image.Image) -> Image.Image:
+    """A picture whose diagram is smaller in the frame than its canvas, with no edge showing,
+    cropped to the canvas its shapes' grid shows (ink_fit.py); as it is otherwise."""
+    return ink_fit.crop_to_canvas(image)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Render a diagram DSL file to an image.")
     parser.add_argument("file", help="DSL file, or - for standard input")

@@ -104,7 +104,7 @@ def read_both(run_dir, out, pictures, folder):
     """What inference.py (grammar decoding, its default; the model alone, as read.py reads) and the
     export's read.py, run in a folder of its own with nothing of the repo importable, read in the pictures."""
     expected = run_script("inference.py", "--checkpoint", str(run_dir), "--dtype", "float32", "--ink_margin", "0",
-                          *pictures)
+                          "--find_canvas", "false", *pictures)
     assert expected.returncode == 0, expected.stderr[-2000:]
     script = folder / "read.py"
     script.write_text((out / "read.py").read_text())

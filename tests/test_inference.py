@@ -1,4 +1,5 @@
-"""renderer.py's render-and-compare agreement (ink_fit.py): what the ink fits, quadrant by quadrant; and calibration."""
+"""renderer.py's render-and-compare agreement (ink_fit.py): what the ink fits, quadrant by quadrant; calibration;
+the ink's reading as a candidate; the crop to the canvas before reading."""
 
 import random
 
@@ -69,3 +70,38 @@ def test_the_inks_reading_is_taken_where_the_model_finds_it_nearly_as_likely():
     # No ink to read, or the ink reads what the model did: nothing to weigh.
     assert inference.prefer_the_ink(near, features, pictures[:1], [own], [0.9], lambda p: None, inference.INK_MARGIN) == ([own], [0.9])
     assert inference.prefer_the_ink(near, features, pictures[:1], [ink], [0.9], lambda p: ink, inference.INK_MARGIN) == ([ink], [0.9])
+
+
+def test_a_zoomed_out_picture_is_read_cropped_to_its_canvas():
+    """inference.read crops before the model sees the picture, and the agreement is measured on
+    the crop: there the sizes the diagram was drawn with fit; against the whole frame they do not."""
+    import torch
+
+    import damage
+    import inference
+    import ink_fit
+    import languages
+
+    diagram = dsl.parse("<StartDiagram> <Large> <Circle> <TopLeft> <Medium> <Square> <BottomRight> <EndDiagram>")
+    picture = damage.zoom_out(renderer.render(diagram), 0.75)
+    seen = []
+
+    class Vision:
+        def encode(self, pictures, progress=None):
+            seen.extend(pictures)
+            return torch.zeros(len(pictures), 1, 1)
+
+    class Reader:  # reads the diagram it was drawn from, whatever it is shown
+        language, vision = languages.load("diagram"), Vision()
+
+        def read_features(self, features, batch_size, constrained, progress):
+            return [dsl.to_text(diagram)] * len(features), [0.9] * len(features)
+
+        def picture_check(self, features, texts):
+            return [None] * len(texts)
+
+    cropped = inference.read(Reader(), [picture])[0]
+    assert seen[-1].tobytes() == ink_fit.crop_to_canvas(picture).tobytes() != picture.tobytes()
+    assert cropped.agreement == 1.0
+    whole = inference.read(Reader(), [picture], find_canvas=False, ink_margin=0)[0]
+    assert seen[-1].tobytes() == picture.tobytes() and whole.agreement < 1

@@ -64,3 +64,38 @@ def test_ink_along_the_frames_edge_goes_and_a_shape_the_frame_cuts_stays():
     kept = ink_fit.without_edge_bands(dots)
     assert not kept[:, 220:].any() and kept[100:160, 0:60].all()
     assert ink_fit.fitted(Image.new("RGB", (224, 224), "white")) == [None] * 4
+
+
+def test_the_grid_of_two_shapes_shows_the_canvas():
+    """Shapes centred in their quadrants of a canvas at (40, 30) with a side of 152: a column apart
+    across (TopLeft, TopRight) and a row apart down (BottomLeft)."""
+    dots = np.zeros((224, 224), bool)
+    for cx, cy in ((40 + 38, 30 + 38), (40 + 114, 30 + 38), (40 + 38, 30 + 114)):
+        dots[cy - 20:cy + 21, cx - 20:cx + 21] = True
+    assert ink_fit.canvas(dots) == (40, 30, 152)
+    one_shape = np.zeros((224, 224), bool)
+    one_shape[40:80, 40:80] = True
+    assert ink_fit.canvas(one_shape) is None  # one shape does not show the scale
+
+
+def test_a_zoomed_out_diagram_is_cropped_to_its_canvas_and_reads_its_sizes():
+    """Zoomed out to 70-90% of the frame in its own ground, no edge showing: the ink read against
+    the frame gets sizes a step down; cropped to the canvas its grid shows, it fits the diagram."""
+    rng = random.Random(2)
+    fitted_right = fitted_right_uncropped = 0
+    for _ in range(30):
+        diagram = dsl.sample_diagram(rng, rng.randint(2, 4))
+        picture = damage.zoom_out(renderer.render(diagram, 224, renderer.random_style(rng), rng), rng.uniform(0.7, 0.9))
+        fitted_right += ink_fit.fitted(ink_fit.crop_to_canvas(picture)) == said(diagram)
+        fitted_right_uncropped += ink_fit.fitted(picture) == said(diagram)
+    assert fitted_right >= 27 and fitted_right_uncropped <= 20
+
+
+def test_a_diagram_that_fills_its_frame_or_shows_one_shape_is_not_cropped():
+    rng = random.Random(3)
+    for count in (1, 2, 3, 4) * 5:
+        diagram = dsl.sample_diagram(rng, count)
+        picture = renderer.render(diagram, 224, renderer.random_style(rng, wide=True), rng)
+        assert ink_fit.crop_to_canvas(picture).tobytes() == picture.tobytes(), dsl.to_text(diagram)
+    alone = damage.zoom_out(renderer.render(dsl.sample_diagram(rng, 1)), 0.75)
+    assert ink_fit.crop_to_canvas(alone).tobytes() == alone.tobytes()

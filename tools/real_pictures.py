@@ -50,9 +50,11 @@ With --checkpoint it reads each kind with the model (`inference.read`) and print
 n, exact match, element F1 (the language's score), valid rate, for margin_no_edge exact
 match on shape and position only, and how good the doubt flag is there (the flag: the
 confidence or the picture head's probability of the reading below 0.5, or the ink fitting
-another reading): the share of
-wrong readings it catches and the share of right readings it flags (right: exact match;
-for margin_no_edge: shape and position right). The last line is one JSON object with all of it, to paste into docs/LOG.md.
+another reading): the share of wrong readings it catches and the share of right readings it
+flags (right: exact match; for margin_no_edge: shape and position right), and the expected
+calibration error of the confidence against the same rightness; then the flag and the
+calibration over all kinds together. The last line is one JSON object with all of it, to
+paste into docs/LOG.md.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class Arguments:
     kinds: list[str] = setting(list(KINDS), "which kinds to draw (and read): " + ", ".join(KINDS))
     checkpoint: str = setting("", "a run folder or checkpoint: also read every set with it and print the scores")
     batch_size: int = setting(0, "pictures read together (with --checkpoint); 0: inference.read's default")
+    find_canvas: bool = setting(True, "read as inference.py --find_canvas: crop to the canvas the shapes show")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ... (with --checkpoint)")
     dtype: str = setting("auto", "auto (the fastest safe one here, by measurement), float32, bfloat16, float16")
 
@@ -566,20 +569,31 @@ def flag_quality(right: list[bool], flagged: list[bool]) -> dict:
             "flagged": sum(flagged) / len(flagged) if flagged else None}
 
 
+def judged_right(kind: str, predictions: list[str], references: list[str], language) -> list[bool]:
+    """Whether each reading is right: exact match, or for a kind where size cannot be seen
+    (SCORED_BY_SHAPE_AND_POSITION) every element's shape and position."""
+    if kind in SCORED_BY_SHAPE_AND_POSITION:
+        return [shape_position_scores([p], [r])["shape_position_exact"] == 1 for p, r in zip(predictions, references)]
+    return [language.canonical_or_raw(p) == language.canonical(r) for p, r in zip(predictions, references)]
+
+
 def score_kind(kind: str, readings, references: list[str], language) -> dict:
-    """One kind's scores from its readings (inference.Reading) and reference texts."""
+    """One kind's scores from its readings (inference.Reading) and reference texts: the language's,
+    the doubt flag's (flag_quality) and the calibration error of the confidence (both against
+    judged_right)."""
+    import inference
+
     predictions = [r.dsl for r in readings]
     scores = language.score(predictions, references)
     result = {"n": scores["n"], "exact": scores["exact_match"], "element_f1": scores["element_f1"],
               "valid": scores["valid_rate"]}
-    right = [language.canonical_or_raw(p) == language.canonical(r) for p, r in zip(predictions, references)]
-    judged_by = "exact"
     if kind in SCORED_BY_SHAPE_AND_POSITION:
         result.update({k: v for k, v in shape_position_scores(predictions, references).items() if k != "n"})
-        right = [shape_position_scores([p], [r])["shape_position_exact"] == 1 for p, r in zip(predictions, references)]
-        judged_by = "shape_position"
+    right = judged_right(kind, predictions, references, language)
     flag = flag_quality(right, [doubtful(r.confidence, r.picture_check, r.agreement) for r in readings])
-    result.update({f"flag_{k}": v for k, v in flag.items()}, flag_judged_by=judged_by)
+    result.update({f"flag_{k}": v for k, v in flag.items()},
+                  flag_judged_by="shape_position" if kind in SCORED_BY_SHAPE_AND_POSITION else "exact",
+                  ece=inference.calibration([r.confidence for r in readings], right)[0])
     return result
 
 
@@ -593,7 +607,12 @@ def print_kind(kind: str, s: dict):
     print(f"{kind:15} n {s['n']:4}  exact {s['exact']:.3f}  element F1 {s['element_f1']:.3f}  "
           f"valid {s['valid']:.3f}{extra}  doubt flag catches {part(s['flag_catches_wrong'], s['flag_wrong'])} "
           f"wrong, flags {part(s['flag_flags_right'], s['flag_right'])} right "
-          f"(right: {s['flag_judged_by'].replace('_', ' and ')})", flush=True)
+          f"(right: {s['flag_judged_by'].replace('_', ' and ')})  calibration error {s['ece']:.3f}", flush=True)
+
+
+def print_all_kinds(s: dict):
+    print(f"{'all kinds':15} n {s['n']:4}  doubt flag catches {part(s['flag_catches_wrong'], s['flag_wrong'])} wrong, "
+          f"flags {part(s['flag_flags_right'], s['flag_right'])} right  calibration error {s['ece']:.3f}", flush=True)
 
 
 def rounded(value):
@@ -616,14 +635,22 @@ def main(args: Arguments) -> dict | None:
 
     reader = inference.load(args.checkpoint, args.device, args.dtype)
     references = [dsl.to_text(d) for d in diagrams]
-    results = {}
+    results, right, flagged, confidences = {}, [], [], []
     for kind, paths in written.items():
-        readings = inference.read(reader, paths, *([args.batch_size] if args.batch_size else []))
+        readings = inference.read(reader, paths, *([args.batch_size] if args.batch_size else []),
+                                  find_canvas=args.find_canvas)
         results[kind] = score_kind(kind, readings, references, reader.language)
         print_kind(kind, results[kind])
+        right += judged_right(kind, [r.dsl for r in readings], references, reader.language)
+        flagged += [doubtful(r.confidence, r.picture_check, r.agreement) for r in readings]
+        confidences += [r.confidence for r in readings]
+    all_kinds = {"n": len(right), **{f"flag_{k}": v for k, v in flag_quality(right, flagged).items()},
+                 "ece": inference.calibration(confidences, right)[0]}
+    print_all_kinds(all_kinds)
     summary = {"tool": "real_pictures", "checkpoint": args.checkpoint, "seed": args.seed, "num": args.num,
-               "size": args.size, "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, or agreement < 1",
-               "kinds": results}
+               "size": args.size, "find_canvas": args.find_canvas,
+               "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, or agreement < 1",
+               "kinds": results, "all_kinds": all_kinds}
     print(json.dumps(rounded(summary)))
     return summary
 

@@ -5,8 +5,9 @@
 
 Damages the first --num images of a data CSV in each way of damage.CHECKS (seeded: the
 same damage every time), writes them with a CSV per kind under --out_dir (to look at, or to
-score again with inference.py), reads them with the model loaded once, and prints
-exact match, element F1 and valid rate per kind; the last line is one JSON object.
+score again with inference.py), reads them as inference.py does (inference.read: the canvas
+found and the ink's reading a candidate, where the DSL has them) with the model loaded once, and
+prints exact match, element F1 and valid rate per kind; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(args: Arguments) -> dict:
     results = {}
     for kind in damage.CHECKS:
         paths = write_damaged(rows, kind, Path(args.out_dir), args.seed)
-        predictions, _ = reader.read_pictures(paths, args.batch_size)
+        predictions = [reading.dsl for reading in inference.read(reader, paths, args.batch_size)]
         scores = language.score(predictions, [row.dsl for row in rows])
         results[kind] = {k: v for k, v in scores.items() if k != "by_count"}
         own = "".join(f"  {k[:-3].replace('_', ' ')} F1 {v:.3f}" for k, v in scores.items() if k.endswith("_f1"))
