@@ -80,7 +80,7 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
                                      f"under {data.MIN_SIDE} on a side."
     reading = inference.read(reader, [picture])[0]
     confidence, agreement, check = float(reading.confidence), reading.agreement, reading.picture_check
-    doubts = inference.doubts(confidence, check, agreement, doubtful_below)
+    doubts = inference.doubts(reading, doubtful_below)
     ink = " The ink agrees." if agreement == 1 else ""  # None: the DSL cannot compare
     verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**.") + ink
     drawn = inference.render_side_by_side(picture, reading.dsl, reader.language)

@@ -37,6 +37,10 @@ PICTURES_IN_MEMORY = 256  # pictures decoded from their files at a time
 # How much less likely (in nats) the model may find the ink's own reading and still be overruled
 # by it: chosen on the training code's own pictures, photo-damaged and zoomed out (docs/LOG.md).
 INK_MARGIN = 6.0
+# A reading taken from the ink has this confidence: the model's own least token probability in it
+# says how much it preferred its own reading (0.13-0.21 on average), not how often such a reading
+# is right: 20 of 24 on the training code's own pictures, cropped to their canvas (docs/LOG.md).
+INK_CONFIDENCE = 0.83
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Arguments:
     find_canvas: bool = setting(True, "crop a picture whose diagram is smaller than the frame, with no edge showing, "
                                       "to the canvas its shapes show, where the DSL can (diagram)")
     flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this, "
-                                     "or the ink fitting another reading (0: no list)")
+                                     "the ink fitting another reading, or the reading the ink's (0: no list)")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
@@ -74,6 +78,7 @@ class Reading:
     # The picture head's probability of what the reading says, from the image tokens alone
     # (DiagramReader.picture_check); None for a model without the head.
     picture_check: float | None = None
+    from_ink: bool = False  # the ink's own reading, taken over the model's (prefer_the_ink)
 
 
 def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
@@ -91,26 +96,30 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
     agreement, ink_reading = language.part("agreement"), language.part("ink_reading")
     crop_to_canvas = (find_canvas and language.part("crop_to_canvas")) or (lambda picture: picture)
     for start in range(0, len(pictures), PICTURES_IN_MEMORY):
-        chunk = [crop_to_canvas(picture.convert("RGB") if isinstance(picture, Image.Image)
-                                else data.load_image(picture)) for picture in pictures[start:start + PICTURES_IN_MEMORY]]
+        chunk = [picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
+                 for picture in pictures[start:start + PICTURES_IN_MEMORY]]
+        chunk = [crop_to_canvas(picture) for picture in chunk]
         features = reader.vision.encode(chunk, progress=progress)
         texts, confidences = reader.read_features(features, batch_size, constrained, progress)
+        taken = [False] * len(texts)
         if ink_reading and ink_margin:
-            texts, confidences = prefer_the_ink(reader, features, chunk, texts, confidences, ink_reading, ink_margin)
+            texts, confidences, taken = prefer_the_ink(reader, features, chunk, texts, confidences, ink_reading,
+                                                       ink_margin)
         checks = reader.picture_check(features, texts)
         readings += [Reading(language.canonical_or_raw(text), language.is_valid(text), confidence,
-                             agreement(picture, text) if agreement else None, check)
-                     for picture, text, confidence, check in zip(chunk, texts, confidences, checks)]
+                             agreement(picture, text) if agreement else None, check, from_ink)
+                     for picture, text, confidence, check, from_ink in zip(chunk, texts, confidences, checks, taken)]
     return readings
 
 
 def prefer_the_ink(reader: DiagramReader, features: torch.Tensor, pictures: list[Image.Image], texts: list[str],
-                   confidences: list[float], ink_reading, margin: float) -> tuple[list[str], list[float]]:
+                   confidences: list[float], ink_reading, margin: float) -> tuple[list[str], list[float], list[bool]]:
     """Two candidates reranked by render and compare, as DeTikZify reranks its candidates by how
     like the picture their renders are: where the ink alone reads otherwise than the model (the
     DSL's ink_reading) and the model gives that reading a log-probability at most `margin`
-    below its own, the ink's reading is taken, with the model's confidence in it."""
-    texts, confidences = list(texts), list(confidences)
+    below its own, the ink's reading is taken, with the confidence INK_CONFIDENCE. Returns the
+    texts, their confidences and which were taken from the ink."""
+    texts, confidences, taken = list(texts), list(confidences), [False] * len(texts)
     others = [ink_reading(picture) for picture in pictures]
     differ = [i for i, other in enumerate(others)
               if other is not None and other != reader.language.canonical_or_raw(texts[i])]
@@ -118,27 +127,30 @@ def prefer_the_ink(reader: DiagramReader, features: torch.Tensor, pictures: list
         chunk = differ[start:start + READ_BATCH // 2]
         scores = reader.score_texts(features[chunk].repeat_interleave(2, dim=0),
                                     [text for i in chunk for text in (texts[i], others[i])])
-        for i, (own, _), (theirs, least) in zip(chunk, scores[::2], scores[1::2]):
+        for i, (own, _), (theirs, _) in zip(chunk, scores[::2], scores[1::2]):
             if theirs >= own - margin:
-                texts[i], confidences[i] = others[i], least
-    return texts, confidences
+                texts[i], confidences[i], taken[i] = others[i], INK_CONFIDENCE, True
+    return texts, confidences, taken
 
 
-def doubts(confidence: float, picture_check: float | None, agreement: float | None, below: float) -> list[str]:
+def doubts(reading: Reading, below: float) -> list[str]:
     """Why a reading is doubtful, one phrase a reason: the LLM's confidence, or the picture head's
     probability of the reading, below `below`; the ink fitting another reading in some quadrant
-    (agreement below 1, where the DSL has a render-and-compare); none when it is not."""
-    reasons = [f"confidence {confidence:.3f} is below {below}"] if confidence < below else []
-    if picture_check is not None and picture_check < below:
-        reasons += [f"the image tokens alone give it {picture_check:.3f}"]
-    if agreement is not None and agreement < 1:
-        reasons += [f"the ink fits another reading (agreement {agreement:.2f})"]
+    (agreement below 1, where the DSL has a render-and-compare); the reading the ink's, which the
+    model found less likely than its own; none when it is not."""
+    reasons = [f"confidence {reading.confidence:.3f} is below {below}"] if reading.confidence < below else []
+    if reading.picture_check is not None and reading.picture_check < below:
+        reasons += [f"the image tokens alone give it {reading.picture_check:.3f}"]
+    if reading.agreement is not None and reading.agreement < 1:
+        reasons += [f"the ink fits another reading (agreement {reading.agreement:.2f})"]
+    if reading.from_ink:
+        reasons += ["the ink's reading, which the model found less likely than its own"]
     return reasons
 
 
-def doubtful(confidence: float, picture_check: float | None, agreement: float | None, below: float) -> bool:
+def doubtful(reading: Reading, below: float) -> bool:
     """The doubt flag: any of `doubts`."""
-    return bool(doubts(confidence, picture_check, agreement, below))
+    return bool(doubts(reading, below))
 
 
 def render_side_by_side(image: Image.Image | Path, prediction: str, language: languages.Language,
@@ -240,7 +252,8 @@ def language_of(checkpoint_path: str | Path) -> languages.Language:
 def notes(reading: Reading) -> str:
     """", agreement 1.00, picture check 0.998": what a reading has beside its confidence."""
     return ("" if reading.agreement is None else f", agreement {reading.agreement:.2f}") + \
-           ("" if reading.picture_check is None else f", picture check {reading.picture_check:.3f}")
+           ("" if reading.picture_check is None else f", picture check {reading.picture_check:.3f}") + \
+           (", the ink's reading" if reading.from_ink else "")
 
 
 def main(args: Arguments, image_args: list[str]) -> int:
@@ -276,9 +289,9 @@ def main(args: Arguments, image_args: list[str]) -> int:
         print(f"# {path} (confidence {reading.confidence:.3f}{notes(reading)})\n{reading.dsl.rstrip()}")
     if args.flag_below:
         flagged = [(p, r) for p, r in zip(paths, readings)
-                   if doubtful(r.confidence, r.picture_check, r.agreement, args.flag_below)]
+                   if doubtful(r, args.flag_below)]
         print(f"{len(flagged)} doubtful of {len(paths)} (confidence or picture check below {args.flag_below}, "
-              "or the ink fits another reading):", file=sys.stderr)
+              "the ink fits another reading, or the reading is the ink's):", file=sys.stderr)
         for path, reading in flagged:
             print(f"  {path}: confidence {reading.confidence:.3f}{notes(reading)}", file=sys.stderr)
 

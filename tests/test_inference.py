@@ -2,6 +2,7 @@
 the ink's reading as a candidate; the crop to the canvas before reading."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -63,13 +64,28 @@ def test_the_inks_reading_is_taken_where_the_model_finds_it_nearly_as_likely():
 
     pictures, features = [Image.new("RGB", (8, 8))] * 2, torch.zeros(2, 1, 1)
     near, far = Reader(inference.INK_MARGIN - 1), Reader(inference.INK_MARGIN + 1)
-    assert inference.prefer_the_ink(near, features, pictures, [own, own], [0.9, 0.9], lambda p: ink, inference.INK_MARGIN) == \
-        ([ink, ink], [0.2, 0.2])
-    assert inference.prefer_the_ink(far, features, pictures, [own, own], [0.9, 0.9], lambda p: ink, inference.INK_MARGIN) == \
-        ([own, own], [0.9, 0.9])
+    taken = inference.INK_CONFIDENCE
+    assert inference.prefer_the_ink(near, features, pictures, [own, own], [0.9, 0.9], lambda p: ink,
+                                    inference.INK_MARGIN) == ([ink, ink], [taken, taken], [True, True])
+    assert inference.prefer_the_ink(far, features, pictures, [own, own], [0.9, 0.9], lambda p: ink,
+                                    inference.INK_MARGIN) == ([own, own], [0.9, 0.9], [False, False])
     # No ink to read, or the ink reads what the model did: nothing to weigh.
-    assert inference.prefer_the_ink(near, features, pictures[:1], [own], [0.9], lambda p: None, inference.INK_MARGIN) == ([own], [0.9])
-    assert inference.prefer_the_ink(near, features, pictures[:1], [ink], [0.9], lambda p: ink, inference.INK_MARGIN) == ([ink], [0.9])
+    assert inference.prefer_the_ink(near, features, pictures[:1], [own], [0.9], lambda p: None,
+                                    inference.INK_MARGIN) == ([own], [0.9], [False])
+    assert inference.prefer_the_ink(near, features, pictures[:1], [ink], [0.9], lambda p: ink,
+                                    inference.INK_MARGIN) == ([ink], [0.9], [False])
+
+
+def test_a_reading_is_doubtful_for_each_of_its_reasons():
+    import inference
+
+    sure = inference.Reading("<StartDiagram> <EndDiagram>", True, 0.99, 1.0, 0.99)
+    assert inference.doubts(sure, 0.5) == []
+    assert inference.doubts(replace(sure, agreement=None, picture_check=None), 0.5) == []
+    for doubted in (replace(sure, confidence=0.4), replace(sure, picture_check=0.4), replace(sure, agreement=0.75),
+                    replace(sure, from_ink=True)):
+        assert len(inference.doubts(doubted, 0.5)) == 1 and inference.doubtful(doubted, 0.5), doubted
+    assert len(inference.doubts(replace(sure, confidence=0.1, agreement=0.5), 0.5)) == 2
 
 
 def test_a_zoomed_out_picture_is_read_cropped_to_its_canvas():

@@ -140,9 +140,17 @@ def test_shape_and_position_scores_ignore_sizes_and_nothing_else():
 
 def test_the_doubt_flag_and_its_quality():
     below = real_pictures.DOUBT_CONFIDENCE
-    assert real_pictures.doubtful(below - 0.01, None, 1.0) and real_pictures.doubtful(0.99, below - 0.01, 1.0)
-    assert real_pictures.doubtful(0.99, 0.99, 0.75)  # the ink fits another reading
-    assert not real_pictures.doubtful(below, below, 1.0) and not real_pictures.doubtful(0.99, None, None)
+
+    def reading(confidence, picture_check, agreement, from_ink=False):
+        return SimpleNamespace(confidence=confidence, picture_check=picture_check, agreement=agreement,
+                               from_ink=from_ink)
+
+    assert real_pictures.doubtful(reading(below - 0.01, None, 1.0))
+    assert real_pictures.doubtful(reading(0.99, below - 0.01, 1.0))
+    assert real_pictures.doubtful(reading(0.99, 0.99, 0.75))  # the ink fits another reading
+    assert real_pictures.doubtful(reading(0.99, 0.99, 1.0, from_ink=True))  # the model preferred its own
+    assert not real_pictures.doubtful(reading(below, below, 1.0))
+    assert not real_pictures.doubtful(reading(0.99, None, None))
     quality = real_pictures.flag_quality(right=[True, True, True, True, False, False],
                                          flagged=[True, False, False, False, True, False])
     assert quality == {"wrong": 2, "catches_wrong": 0.5, "right": 4, "flags_right": 0.25, "flagged": 2 / 6}
@@ -153,8 +161,9 @@ def test_a_kind_is_scored_with_the_language_and_margin_no_edge_by_shape_and_posi
     language = languages.load("diagram")
     small_square = "<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>"
     readings = [SimpleNamespace(dsl=dsl.canonical(small_square), confidence=0.95, picture_check=0.99,
-                                agreement=1.0),  # size wrong
-                SimpleNamespace(dsl=dsl.canonical(TWO), confidence=0.3, picture_check=0.99, agreement=1.0)]  # right, doubted
+                                agreement=1.0, from_ink=False),  # size wrong
+                SimpleNamespace(dsl=dsl.canonical(TWO), confidence=0.3, picture_check=0.99, agreement=1.0,
+                                from_ink=False)]  # right, doubted
     references = [dsl.canonical(SQUARE_TL), dsl.canonical(TWO)]
     usual = real_pictures.score_kind("sketch", readings, references, language)
     assert usual["exact"] == 0.5 and usual["flag_catches_wrong"] == 0.0 and usual["flag_flags_right"] == 1.0

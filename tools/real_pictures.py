@@ -49,12 +49,12 @@ pictures meets a drawing it has never seen. The kinds:
 With --checkpoint it reads each kind with the model (`inference.read`) and prints per kind:
 n, exact match, element F1 (the language's score), valid rate, for margin_no_edge exact
 match on shape and position only, and how good the doubt flag is there (the flag: the
-confidence or the picture head's probability of the reading below 0.5, or the ink fitting
-another reading): the share of wrong readings it catches and the share of right readings it
-flags (right: exact match; for margin_no_edge: shape and position right), and the expected
-calibration error of the confidence against the same rightness; then the flag and the
-calibration over all kinds together. The last line is one JSON object with all of it, to
-paste into docs/LOG.md.
+confidence or the picture head's probability of the reading below 0.5, the ink fitting
+another reading, or the reading taken from the ink over the model's): the share of wrong
+readings it catches and the share of right readings it flags (right: exact match; for
+margin_no_edge: shape and position right), and the expected calibration error of the
+confidence against the same rightness; then the flag and the calibration over all kinds
+together. The last line is one JSON object with all of it, to paste into docs/LOG.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from settings import setting
 
 KINDS = ("sketch", "photo", "margin_edge", "margin_no_edge", "dark")
 SCORED_BY_SHAPE_AND_POSITION = ("margin_no_edge",)  # where size cannot be seen
-DOUBT_CONFIDENCE = 0.5  # the doubt flag: confidence or picture check below this, or agreement below 1
+DOUBT_CONFIDENCE = 0.5  # the doubt flag: confidence or picture check below this (inference.doubts)
 
 # docs/SPEC.md's rendering envelope, in quadrants (q = half the canvas side).
 QUADRANT_SHARE = {"Large": 0.80, "Medium": 0.55, "Small": 0.30}  # side of the bounding box
@@ -551,12 +551,13 @@ def shape_position_scores(predictions: list[str], references: list[str]) -> dict
             "shape_position_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
 
 
-def doubtful(confidence: float, picture_check: float | None, agreement: float | None) -> bool:
-    """inference.py's doubt flag at --flag_below DOUBT_CONFIDENCE: confidence or picture check
-    below it, or the ink fitting another reading (agreement below 1)."""
+def doubtful(reading) -> bool:
+    """inference.py's doubt flag at --flag_below DOUBT_CONFIDENCE (inference.doubts): confidence
+    or picture check below it, the ink fitting another reading (agreement below 1), or the
+    reading taken from the ink over the model's."""
     import inference  # here, not at the top: drawing alone needs neither torch nor the model's code
 
-    return inference.doubtful(confidence, picture_check, agreement, DOUBT_CONFIDENCE)
+    return inference.doubtful(reading, DOUBT_CONFIDENCE)
 
 
 def flag_quality(right: list[bool], flagged: list[bool]) -> dict:
@@ -590,7 +591,7 @@ def score_kind(kind: str, readings, references: list[str], language) -> dict:
     if kind in SCORED_BY_SHAPE_AND_POSITION:
         result.update({k: v for k, v in shape_position_scores(predictions, references).items() if k != "n"})
     right = judged_right(kind, predictions, references, language)
-    flag = flag_quality(right, [doubtful(r.confidence, r.picture_check, r.agreement) for r in readings])
+    flag = flag_quality(right, [doubtful(r) for r in readings])
     result.update({f"flag_{k}": v for k, v in flag.items()},
                   flag_judged_by="shape_position" if kind in SCORED_BY_SHAPE_AND_POSITION else "exact",
                   ece=inference.calibration([r.confidence for r in readings], right)[0])
@@ -642,14 +643,14 @@ def main(args: Arguments) -> dict | None:
         results[kind] = score_kind(kind, readings, references, reader.language)
         print_kind(kind, results[kind])
         right += judged_right(kind, [r.dsl for r in readings], references, reader.language)
-        flagged += [doubtful(r.confidence, r.picture_check, r.agreement) for r in readings]
+        flagged += [doubtful(r) for r in readings]
         confidences += [r.confidence for r in readings]
     all_kinds = {"n": len(right), **{f"flag_{k}": v for k, v in flag_quality(right, flagged).items()},
                  "ece": inference.calibration(confidences, right)[0]}
     print_all_kinds(all_kinds)
     summary = {"tool": "real_pictures", "checkpoint": args.checkpoint, "seed": args.seed, "num": args.num,
                "size": args.size, "find_canvas": args.find_canvas,
-               "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, or agreement < 1",
+               "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, agreement < 1, or the ink's reading",
                "kinds": results, "all_kinds": all_kinds}
     print(json.dumps(rounded(summary)))
     return summary
