@@ -96,16 +96,6 @@ def silhouette(shape: str, box: tuple[int, int, int, int], side: int) -> np.ndar
     return np.asarray(image) > 0
 
 
-def shape_box(dots: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The box (left, top, right, bottom) of a quadrant's ink, or None where it is no shape: too
-    little ink, too small a box, or a sliver."""
-    ys, xs = np.nonzero(dots)
-    if len(xs) < 12:
-        return None
-    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-    return box if shaped(box, dots.shape[0]) else None
-
-
 def shaped(box: tuple[int, int, int, int], q: int) -> bool:
     """Whether a box of ink is big and square enough for a shape of a quadrant of side q."""
     width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
@@ -114,10 +104,13 @@ def shaped(box: tuple[int, int, int, int], q: int) -> bool:
 
 def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
     """(size, shape) that the quadrant's ink fits best, or None where there is no shape."""
-    q, box = dots.shape[0], shape_box(dots)
-    if box is None:
-        return None
+    q = dots.shape[0]
     ys, xs = np.nonzero(dots)
+    if len(xs) < 12:
+        return None
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    if not shaped(box, q):
+        return None
     width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
     corners = convex_hull(list(zip(xs.tolist(), ys.tolist())))
     if len(corners) < 3:
@@ -136,11 +129,11 @@ def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
 
 
 def quadrants(dots: np.ndarray):
-    """(position, its column and row, its ink) for each quadrant of the frame."""
+    """Each quadrant's ink, in dsl.POSITIONS' order."""
     h = SIDE // 2
     for position in dsl.POSITIONS:
         column, row = dsl.QUADRANT_OFFSET[position]
-        yield position, column, row, dots[row * h:(row + 1) * h, column * h:(column + 1) * h]
+        yield dots[row * h:(row + 1) * h, column * h:(column + 1) * h]
 
 
 def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
@@ -151,7 +144,7 @@ def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
 
 @functools.lru_cache(maxsize=64)  # a reading asks about one picture twice: the ink's reading, the agreement
 def fitted_pixels(pixels: bytes, size: tuple[int, int]) -> tuple[tuple[str, str] | None, ...]:
-    return tuple(fit_quadrant(quadrant) for _, _, _, quadrant in quadrants(ink(Image.frombytes("RGB", size, pixels))))
+    return tuple(fit_quadrant(quadrant) for quadrant in quadrants(ink(Image.frombytes("RGB", size, pixels))))
 
 
 def reading(picture: Image.Image) -> str | None:
