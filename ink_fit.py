@@ -35,13 +35,22 @@ MOST_PIECES = 64  # more pieces of ink than this is noise, in which no canvas is
 
 
 def ink(picture: Image.Image) -> np.ndarray:
-    """[SIDE, SIDE] bool: the picture's ink, specks and the surround along the frame's edge left out."""
-    grey = looks.look(picture.convert("RGB"), "scanned").convert("L").resize((SIDE, SIDE),
-                                                                            Image.Resampling.BILINEAR)
+    """[SIDE, SIDE] bool, read-only: the picture's ink, specks and the surround along the frame's
+    edge left out."""
+    picture = picture.convert("RGB")
+    return ink_of_pixels(picture.tobytes(), picture.size)
+
+
+@functools.lru_cache(maxsize=64)  # a picture read as it came is asked for its ink again: crop, then fits
+def ink_of_pixels(pixels: bytes, size: tuple[int, int]) -> np.ndarray:
+    grey = looks.look(Image.frombytes("RGB", size, pixels), "scanned").convert("L").resize(
+        (SIDE, SIDE), Image.Resampling.BILINEAR)
     mask = grey.point(lambda v: 255 if v < INK_BELOW else 0)
     neighbours = np.asarray(mask.filter(ImageFilter.BoxBlur(2)), dtype=np.float32) * 25 / 255
     # BoxBlur keeps whole grey levels: a count of SPECK comes back a hair above or below it
-    return without_edge_bands((np.asarray(mask) > 0) & (neighbours >= SPECK - 0.01))
+    dots = without_edge_bands((np.asarray(mask) > 0) & (neighbours >= SPECK - 0.01))
+    dots.flags.writeable = False  # shared by every caller through the cache
+    return dots
 
 
 def without_edge_bands(dots: np.ndarray) -> np.ndarray:
@@ -144,7 +153,7 @@ def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
 
 @functools.lru_cache(maxsize=64)  # a reading asks about one picture twice: the ink's reading, the agreement
 def fitted_pixels(pixels: bytes, size: tuple[int, int]) -> tuple[tuple[str, str] | None, ...]:
-    return tuple(fit_quadrant(quadrant) for quadrant in quadrants(ink(Image.frombytes("RGB", size, pixels))))
+    return tuple(fit_quadrant(quadrant) for quadrant in quadrants(ink_of_pixels(pixels, size)))
 
 
 def reading(picture: Image.Image) -> str | None:
