@@ -41,6 +41,12 @@ INK_MARGIN = 6.0
 # says how much it preferred its own reading (0.13-0.21 on average), not how often such a reading
 # is right: 20 of 24 on the training code's own pictures, cropped to their canvas (docs/LOG.md).
 INK_CONFIDENCE = 0.83
+# The ink fitting another reading in some quadrant, or putting a size on the line between two, is
+# a doubt only where the model or its picture head is less sure than this of its reading: a
+# shadow, a blur or a neighbour's stroke that widens a quadrant's ink should not outweigh both
+# being this sure (chosen on the training code's own pictures: it kept every wrong reading the ink
+# caught there, and flagged a third fewer right ones; docs/LOG.md).
+SURE = 0.99
 
 
 @dataclass
@@ -57,8 +63,9 @@ class Arguments:
                                             "a log-probability at most this far below its own (0: never)")
     find_canvas: bool = setting(True, "crop a picture whose diagram is smaller than the frame, with no edge showing, "
                                       "to the canvas its shapes show, where the DSL can (diagram)")
-    flag_below: float = setting(0.0, "list the doubtful images: confidence or picture check below this, "
-                                     "the ink fitting another reading, or the reading the ink's (0: no list)")
+    flag_below: float = setting(0.0, "list the doubtful images and why: confidence or picture check below this, "
+                                     f"the ink fitting another reading or leaving a size undecided while either "
+                                     f"is under {SURE}, or the reading the ink's (0: no list)")
     reliability_png: str = setting("reliability.png", "with --eval: the reliability diagram of the confidence")
     batch_size: int = setting(READ_BATCH, "images decoded together")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, ...")
@@ -79,6 +86,9 @@ class Reading:
     # (DiagramReader.picture_check); None for a model without the head.
     picture_check: float | None = None
     from_ink: bool = False  # the ink's own reading, taken over the model's (prefer_the_ink)
+    # The ink leaves some of the reading undecided, for a DSL that can tell (diagram: a shape's
+    # size on the line between two); None for one that cannot.
+    borderline: bool | None = None
 
 
 def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_size: int = READ_BATCH,
@@ -93,7 +103,8 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
             print(reading.dsl, reading.confidence, reading.agreement)
     """
     language, readings = reader.language, []
-    agreement, ink_reading = language.part("agreement"), language.part("ink_reading")
+    agreement, borderline = language.part("agreement"), language.part("borderline")
+    ink_reading = language.part("ink_reading")
     crop_to_canvas = (find_canvas and language.part("crop_to_canvas")) or (lambda picture: picture)
     for start in range(0, len(pictures), PICTURES_IN_MEMORY):
         chunk = [picture.convert("RGB") if isinstance(picture, Image.Image) else data.load_image(picture)
@@ -107,7 +118,8 @@ def read(reader: DiagramReader, pictures: list[Image.Image | str | Path], batch_
                                                        ink_margin)
         checks = reader.picture_check(features, texts)
         readings += [Reading(language.canonical_or_raw(text), language.is_valid(text), confidence,
-                             agreement(picture, text) if agreement else None, check, from_ink)
+                             agreement(picture, text) if agreement else None, check, from_ink,
+                             borderline(picture, text) if borderline else None)
                      for picture, text, confidence, check, from_ink in zip(chunk, texts, confidences, checks, taken)]
     return readings
 
@@ -136,16 +148,26 @@ def prefer_the_ink(reader: DiagramReader, features: torch.Tensor, pictures: list
 def doubts(reading: Reading, below: float) -> list[str]:
     """Why a reading is doubtful, one phrase a reason: the LLM's confidence, or the picture head's
     probability of the reading, below `below`; the ink fitting another reading in some quadrant
-    (agreement below 1, where the DSL has a render-and-compare); the reading the ink's, which the
-    model found less likely than its own; none when it is not."""
+    (agreement below 1, where the DSL has a render-and-compare), or leaving some of it undecided
+    (borderline), while the two are not both SURE of it; the reading the ink's, which the model
+    found less likely than its own; none when it is not."""
     reasons = [f"confidence {reading.confidence:.3f} is below {below}"] if reading.confidence < below else []
     if reading.picture_check is not None and reading.picture_check < below:
         reasons += [f"the image tokens alone give it {reading.picture_check:.3f}"]
-    if reading.agreement is not None and reading.agreement < 1:
+    if reading.agreement is not None and reading.agreement < 1 and not sure(reading):
         reasons += [f"the ink fits another reading (agreement {reading.agreement:.2f})"]
+    if reading.borderline and not sure(reading):
+        reasons += ["the ink puts a shape's size on the line between two"]
     if reading.from_ink:
         reasons += ["the ink's reading, which the model found less likely than its own"]
     return reasons
+
+
+def sure(reading: Reading) -> bool:
+    """Whether the LLM's confidence and the picture head's probability (where there is one) are
+    both at least SURE: then the ink fitting another reading, or leaving a size undecided, is no
+    doubt."""
+    return min(reading.confidence, 1.0 if reading.picture_check is None else reading.picture_check) >= SURE
 
 
 def doubtful(reading: Reading, below: float) -> bool:
@@ -290,10 +312,10 @@ def main(args: Arguments, image_args: list[str]) -> int:
     if args.flag_below:
         flagged = [(p, r) for p, r in zip(paths, readings)
                    if doubtful(r, args.flag_below)]
-        print(f"{len(flagged)} doubtful of {len(paths)} (confidence or picture check below {args.flag_below}, "
-              "the ink fits another reading, or the reading is the ink's):", file=sys.stderr)
+        print(f"{len(flagged)} doubtful of {len(paths)} (docs/SPEC.md's doubt flag at {args.flag_below}):",
+              file=sys.stderr)
         for path, reading in flagged:
-            print(f"  {path}: confidence {reading.confidence:.3f}{notes(reading)}", file=sys.stderr)
+            print(f"  {path}: {'; '.join(doubts(reading, args.flag_below))}", file=sys.stderr)
 
     if args.out:
         data.write_csv(args.out, ([str(path), reading.dsl, reading.valid, f"{reading.confidence:.4f}",

@@ -12,6 +12,7 @@ The same shapes' grid shows where a diagram's canvas lies when nothing else does
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -32,6 +33,10 @@ LEAST_ASPECT = 0.6  # a box thinner than this (short side / long side) is a sliv
 ZOOMED_OUT = 0.88
 CANVAS_SLACK = 0.02  # of the side: ink further than this outside the canvas found says it is wrong
 MOST_PIECES = 64  # more pieces of ink than this is noise, in which no canvas is looked for
+# A box side this near (in quadrant sides: about a pixel at SIDE) the line between two sizes
+# reads as either: photos and felt tips widen a Medium's ink to the line with Large (docs/LOG.md).
+BORDERLINE = 0.01
+SIZE_LINES = [(a + b) / 2 for a, b in itertools.pairwise(sorted(dsl.SIDE_FRACTION.values()))]  # sizes meet
 
 
 def ink(picture: Image.Image) -> np.ndarray:
@@ -111,16 +116,22 @@ def shaped(box: tuple[int, int, int, int], q: int) -> bool:
     return max(width, height) >= LEAST_SIDE * q and min(width, height) >= LEAST_ASPECT * max(width, height)
 
 
-def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
-    """(size, shape) that the quadrant's ink fits best, or None where there is no shape."""
-    q = dots.shape[0]
+def shape_box(dots: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) of a quadrant's ink where it is a shape's (`shaped`), else None."""
     ys, xs = np.nonzero(dots)
     if len(xs) < 12:
         return None
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-    if not shaped(box, q):
+    return box if shaped(box, dots.shape[0]) else None
+
+
+def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
+    """(size, shape) that the quadrant's ink fits best, or None where there is no shape."""
+    q, box = dots.shape[0], shape_box(dots)
+    if box is None:
         return None
     width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
+    ys, xs = np.nonzero(dots)
     corners = convex_hull(list(zip(xs.tolist(), ys.tolist())))
     if len(corners) < 3:
         return None
@@ -154,6 +165,19 @@ def fitted(picture: Image.Image) -> list[tuple[str, str] | None]:
 @functools.lru_cache(maxsize=64)  # a reading asks about one picture twice: the ink's reading, the agreement
 def fitted_pixels(pixels: bytes, size: tuple[int, int]) -> tuple[tuple[str, str] | None, ...]:
     return tuple(fit_quadrant(quadrant) for quadrant in quadrants(ink_of_pixels(pixels, size)))
+
+
+def sizes_undecided(picture: Image.Image) -> list[str]:
+    """The positions (dsl.POSITIONS) whose shape's side lies within BORDERLINE of the line
+    between two sizes: there the ink cannot tell them apart."""
+    dots, undecided = ink(picture), []
+    for position, quadrant in zip(dsl.POSITIONS, quadrants(dots)):
+        box = shape_box(quadrant)
+        if box is not None:
+            side = max(box[2] - box[0] + 1, box[3] - box[1] + 1) / quadrant.shape[0]
+            if any(abs(side - line) < BORDERLINE for line in SIZE_LINES):
+                undecided.append(position)
+    return undecided
 
 
 def reading(picture: Image.Image) -> str | None:

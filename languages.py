@@ -23,6 +23,8 @@ and, where it has them,
                          picture holds, as a class: the projector's picture loss (--quadrant_loss)
     CONTENT_CLASSES, contents(text)   or which classes the picture shows anywhere (their indices)
     agreement(picture, text) -> float   how well the picture matches the text (render and compare)
+    borderline(picture, text) -> bool   whether the picture leaves some of the text undecided (a size
+                         on the line between two)
     ink_reading(picture) -> text | None  a reading without the model, a candidate beside the model's
     crop_to_canvas(picture) -> Image     the picture cropped to where the diagram's canvas lies
     picture(text, size) -> Image         a drawing of a text (the page's side-by-side)

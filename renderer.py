@@ -180,6 +180,14 @@ def agreement(image: Image.Image, prediction: str) -> float:
     return sum(said.get(position) == fit for position, fit in zip(dsl.POSITIONS, ink_fit.fitted(image))) / 4
 
 
+def borderline(image: Image.Image, prediction: str) -> bool:
+    """Whether the ink leaves some of the prediction undecided: a shape it says whose ink's side
+    lies on the line between two sizes (ink_fit.sizes_undecided); False for one that does not parse."""
+    diagram = dsl.parse_or_none(prediction)
+    undecided = ink_fit.sizes_undecided(image) if diagram else []
+    return any(e.position in undecided for e in diagram.elements) if diagram else False
+
+
 def ink_reading(image: Image.Image) -> str | None:
     """The reading the ink alone fits (ink_fit.py), a candidate beside the model's; None where
     it fits no element."""

@@ -79,13 +79,20 @@ def test_the_inks_reading_is_taken_where_the_model_finds_it_nearly_as_likely():
 def test_a_reading_is_doubtful_for_each_of_its_reasons():
     import inference
 
-    sure = inference.Reading("<StartDiagram> <EndDiagram>", True, 0.99, 1.0, 0.99)
-    assert inference.doubts(sure, 0.5) == []
-    assert inference.doubts(replace(sure, agreement=None, picture_check=None), 0.5) == []
-    for doubted in (replace(sure, confidence=0.4), replace(sure, picture_check=0.4), replace(sure, agreement=0.75),
-                    replace(sure, from_ink=True)):
+    confident = inference.Reading("<StartDiagram> <EndDiagram>", True, 0.95, 1.0, 0.95)
+    assert inference.doubts(confident, 0.5) == []
+    assert inference.doubts(replace(confident, agreement=None, picture_check=None), 0.5) == []
+    for doubted in (replace(confident, confidence=0.4), replace(confident, picture_check=0.4),
+                    replace(confident, agreement=0.75), replace(confident, from_ink=True),
+                    replace(confident, borderline=True)):
         assert len(inference.doubts(doubted, 0.5)) == 1 and inference.doubtful(doubted, 0.5), doubted
-    assert len(inference.doubts(replace(sure, confidence=0.1, agreement=0.5), 0.5)) == 2
+    assert len(inference.doubts(replace(confident, confidence=0.1, agreement=0.5), 0.5)) == 2
+    # The ink fitting another reading, or leaving a size undecided, outweighs neither reader where
+    # both are SURE of theirs.
+    at_least = replace(confident, confidence=inference.SURE, picture_check=inference.SURE, agreement=0.75,
+                       borderline=True)
+    assert inference.doubts(at_least, 0.5) == [] and inference.doubts(replace(at_least, picture_check=None), 0.5) == []
+    assert len(inference.doubts(replace(at_least, picture_check=inference.SURE - 0.01), 0.5)) == 2
 
 
 def test_a_zoomed_out_picture_is_read_cropped_to_its_canvas():

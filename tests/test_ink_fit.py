@@ -3,7 +3,7 @@
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import damage
 import dsl
@@ -49,6 +49,21 @@ def test_another_size_or_shape_does_not_fit():
                   text.replace("<Medium> <Triangle>", "<Medium> <Circle>"),
                   text.replace("<Small> <Square>", "<Small> <Triangle>")):
         assert renderer.agreement(picture, wrong) == 0.75, wrong
+
+
+def test_a_size_on_the_line_between_two_is_undecided():
+    """A square whose side is 76 px of a 112 px quadrant (0.679: the line between Medium and Large
+    lies at 0.675) reads as either; one of a nominal size does not; and a reading is borderline
+    only where it says a shape at such a place."""
+    picture = Image.new("RGB", (224, 224), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((18, 18, 93, 93), outline="black", width=3)  # top left: 76 px
+    draw.rectangle((112 + 25, 112 + 25, 112 + 86, 112 + 86), outline="black", width=3)  # bottom right: 62 px
+    assert ink_fit.sizes_undecided(picture) == ["TopLeft"]
+    either = "<StartDiagram> <{}> <Square> <TopLeft> <Medium> <Square> <BottomRight> <EndDiagram>"
+    assert renderer.borderline(picture, either.format("Large")) and renderer.borderline(picture, either.format("Medium"))
+    assert not renderer.borderline(picture, "<StartDiagram> <Medium> <Square> <BottomRight> <EndDiagram>")
+    assert not renderer.borderline(picture, "not a diagram")
 
 
 def test_the_convex_hull_keeps_the_corners_only():

@@ -6,7 +6,6 @@ import ast
 import random
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -15,6 +14,7 @@ from PIL import ImageFilter
 
 import data
 import dsl
+import inference
 import languages
 from conftest import ROOT
 from tools import real_pictures
@@ -141,13 +141,14 @@ def test_shape_and_position_scores_ignore_sizes_and_nothing_else():
 def test_the_doubt_flag_and_its_quality():
     below = real_pictures.DOUBT_CONFIDENCE
 
-    def reading(confidence, picture_check, agreement, from_ink=False):
-        return SimpleNamespace(confidence=confidence, picture_check=picture_check, agreement=agreement,
-                               from_ink=from_ink)
+    def reading(confidence, picture_check, agreement, from_ink=False, borderline=False):
+        return inference.Reading(TWO, True, confidence, agreement, picture_check, from_ink, borderline)
 
     assert real_pictures.doubtful(reading(below - 0.01, None, 1.0))
     assert real_pictures.doubtful(reading(0.99, below - 0.01, 1.0))
-    assert real_pictures.doubtful(reading(0.99, 0.99, 0.75))  # the ink fits another reading
+    assert real_pictures.doubtful(reading(0.98, 0.995, 0.75))  # the ink fits another reading
+    assert not real_pictures.doubtful(reading(0.995, None, 0.75))  # ... and the model is sure of its own
+    assert real_pictures.doubtful(reading(0.98, 0.995, 1.0, borderline=True))  # a size the ink cannot tell
     assert real_pictures.doubtful(reading(0.99, 0.99, 1.0, from_ink=True))  # the model preferred its own
     assert not real_pictures.doubtful(reading(below, below, 1.0))
     assert not real_pictures.doubtful(reading(0.99, None, None))
@@ -160,10 +161,8 @@ def test_the_doubt_flag_and_its_quality():
 def test_a_kind_is_scored_with_the_language_and_margin_no_edge_by_shape_and_position():
     language = languages.load("diagram")
     small_square = "<StartDiagram> <Small> <Square> <TopLeft> <EndDiagram>"
-    readings = [SimpleNamespace(dsl=dsl.canonical(small_square), confidence=0.95, picture_check=0.99,
-                                agreement=1.0, from_ink=False),  # size wrong
-                SimpleNamespace(dsl=dsl.canonical(TWO), confidence=0.3, picture_check=0.99, agreement=1.0,
-                                from_ink=False)]  # right, doubted
+    readings = [inference.Reading(dsl.canonical(small_square), True, 0.95, 1.0, 0.99),  # size wrong
+                inference.Reading(dsl.canonical(TWO), True, 0.3, 1.0, 0.99)]  # right, doubted
     references = [dsl.canonical(SQUARE_TL), dsl.canonical(TWO)]
     usual = real_pictures.score_kind("sketch", readings, references, language)
     assert usual["exact"] == 0.5 and usual["flag_catches_wrong"] == 0.0 and usual["flag_flags_right"] == 1.0

@@ -50,7 +50,8 @@ With --checkpoint it reads each kind with the model (`inference.read`) and print
 n, exact match, element F1 (the language's score), valid rate, for margin_no_edge exact
 match on shape and position only, and how good the doubt flag is there (the flag: the
 confidence or the picture head's probability of the reading below 0.5, the ink fitting
-another reading, or the reading taken from the ink over the model's): the share of wrong
+another reading or leaving a size undecided while either is under inference.SURE, or the
+reading taken from the ink over the model's): the share of wrong
 readings it catches and the share of right readings it flags (right: exact match; for
 margin_no_edge: shape and position right), and the expected calibration error of the
 confidence against the same rightness; then the flag and the calibration over all kinds
@@ -553,8 +554,9 @@ def shape_position_scores(predictions: list[str], references: list[str]) -> dict
 
 def doubtful(reading) -> bool:
     """inference.py's doubt flag at --flag_below DOUBT_CONFIDENCE (inference.doubts): confidence
-    or picture check below it, the ink fitting another reading (agreement below 1), or the
-    reading taken from the ink over the model's."""
+    or picture check below it, the ink fitting another reading (agreement below 1) or leaving a
+    size undecided (borderline) while either is under inference.SURE, or the reading taken from
+    the ink over the model's."""
     import inference  # here, not at the top: drawing alone needs neither torch nor the model's code
 
     return inference.doubtful(reading, DOUBT_CONFIDENCE)
@@ -650,7 +652,8 @@ def main(args: Arguments) -> dict | None:
     print_all_kinds(all_kinds)
     summary = {"tool": "real_pictures", "checkpoint": args.checkpoint, "seed": args.seed, "num": args.num,
                "size": args.size, "find_canvas": args.find_canvas,
-               "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, agreement < 1, or the ink's reading",
+               "doubt_flag": f"confidence or picture check < {DOUBT_CONFIDENCE}, agreement < 1 or a size "
+                             f"undecided with either < {inference.SURE}, or the ink's reading",
                "kinds": results, "all_kinds": all_kinds}
     print(json.dumps(rounded(summary)))
     return summary
