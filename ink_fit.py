@@ -5,7 +5,9 @@ Each quadrant's ink (after the scanned look: grey, dark ink on white, the sheet 
 closed into its convex hull, so that outlines, filled shapes, pen strokes that do not quite
 close and thin lines all become the same solid silhouette (every shape of the DSL is convex).
 Its bounding box gives the size (the nearest of dsl.SIDE_FRACTION) and the shape is the
-one whose silhouette, drawn in that box, overlaps the hull best. docs/SPEC.md gives the numbers.
+one whose silhouette, drawn in that box, overlaps the hull best; a side about a pixel from
+where the nearest size changes leaves the size undecided (sizes_undecided). docs/SPEC.md gives
+the numbers.
 The same shapes' grid shows where a diagram's canvas lies when nothing else does
 (crop_to_canvas). It needs only numpy and PIL."""
 
@@ -125,12 +127,16 @@ def shape_box(dots: np.ndarray) -> tuple[int, int, int, int] | None:
     return box if shaped(box, dots.shape[0]) else None
 
 
+def side_of(box: tuple[int, int, int, int], q: int) -> float:
+    """A box's long side, in quadrant sides (q pixels)."""
+    return max(box[2] - box[0] + 1, box[3] - box[1] + 1) / q
+
+
 def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
     """(size, shape) that the quadrant's ink fits best, or None where there is no shape."""
     q, box = dots.shape[0], shape_box(dots)
     if box is None:
         return None
-    width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
     ys, xs = np.nonzero(dots)
     corners = convex_hull(list(zip(xs.tolist(), ys.tolist())))
     if len(corners) < 3:
@@ -143,7 +149,7 @@ def fit_quadrant(dots: np.ndarray) -> tuple[str, str] | None:
         drawn = silhouette(shape, box, q)
         return (hull & drawn).sum() / (hull | drawn).sum()
 
-    side = max(width, height) / q
+    side = side_of(box, q)
     size = min(dsl.SIDE_FRACTION, key=lambda name: abs(dsl.SIDE_FRACTION[name] - side))
     return size, max(dsl.SHAPES, key=overlap)
 
@@ -173,10 +179,8 @@ def sizes_undecided(picture: Image.Image) -> list[str]:
     dots, undecided = ink(picture), []
     for position, quadrant in zip(dsl.POSITIONS, quadrants(dots)):
         box = shape_box(quadrant)
-        if box is not None:
-            side = max(box[2] - box[0] + 1, box[3] - box[1] + 1) / quadrant.shape[0]
-            if any(abs(side - line) < BORDERLINE for line in SIZE_LINES):
-                undecided.append(position)
+        if box is not None and any(abs(side_of(box, quadrant.shape[0]) - line) < BORDERLINE for line in SIZE_LINES):
+            undecided.append(position)
     return undecided
 
 

@@ -184,8 +184,10 @@ def borderline(image: Image.Image, prediction: str) -> bool:
     """Whether the ink leaves some of the prediction undecided: a shape it says whose ink's side
     lies on the line between two sizes (ink_fit.sizes_undecided); False for one that does not parse."""
     diagram = dsl.parse_or_none(prediction)
-    undecided = ink_fit.sizes_undecided(image) if diagram else []
-    return any(e.position in undecided for e in diagram.elements) if diagram else False
+    if diagram is None:
+        return False
+    undecided = ink_fit.sizes_undecided(image)
+    return any(e.position in undecided for e in diagram.elements)
 
 
 def ink_reading(image: Image.Image) -> str | None:
