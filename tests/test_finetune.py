@@ -84,8 +84,10 @@ def test_a_new_run_does_not_overwrite_an_old_one(trained_run, tiny_llm, tiny_cli
 def test_inference_evaluates_a_csv_and_ends_with_json(trained_run, tiny_dataset, tmp_path):
     result = run_script("inference.py", "--checkpoint", str(trained_run), "--csv", str(tiny_dataset / "test.csv"),
                         "--eval", "--dtype", "float32", "--out", str(tmp_path / "p.csv"), "--render", str(tmp_path / "r"),
-                        "--reliability_png", str(tmp_path / "reliability.png"))
+                        "--reliability_png", str(tmp_path / "reliability.png"), "--flag_below", "1.0")
     assert result.returncode == 0, result.stderr[-3000:]
+    # Below 1.0 every reading is doubtful, each listed with its reasons.
+    assert "6 doubtful of 6" in result.stderr and result.stderr.count("is below 1.0") == 6, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert scores["n"] == 6 and {"exact_match", "element_f1", "valid_rate", "by_count", "ece"} <= set(scores)
     assert "expected calibration error of the confidence" in result.stdout and 0 <= scores["ece"] <= 1
