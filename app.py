@@ -86,7 +86,7 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
     if agreement == 1:
         ink = " The ink agrees."
     elif agreement is not None and inference.sure(reading) and not reading.from_ink:
-        ink = f" The ink fits another reading (agreement {agreement:.2f}), but both readers are sure of this one."
+        ink = f" The ink fits another reading (agreement {agreement:.2f}), but the model is sure of its reading."
     verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**.") + ink
     drawn = inference.render_side_by_side(picture, reading.dsl, reader.language)
     return (reading.dsl.rstrip(), drawn, round(confidence, 3), None if agreement is None else round(agreement, 2),

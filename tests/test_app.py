@@ -236,11 +236,11 @@ def test_what_cannot_be_read_is_one_line_and_a_doubtful_reading_is_flagged(tmp_p
         "**Doubtful**: the image tokens alone give it 0.400. The ink agrees."
     assert app.read(FixedReader(0.99, 0.95), 0.9, str(tmp_path / "circle.png"))[-1].startswith("**Confident**")
     # A blank picture: the three empty quadrants agree with the reading, the top left does not,
-    # and the ink fitting another reading is doubt of its own, unless both readers are sure.
+    # and the ink fitting another reading is doubt of its own, unless the LLM and its picture head are sure.
     assert app.read(FixedReader(0.98), 0.9, str(tmp_path / "blank.png"))[-1] == \
         "**Doubtful**: the ink fits another reading (agreement 0.75)."
     assert app.read(FixedReader(0.995, 0.995), 0.9, str(tmp_path / "blank.png"))[-1] == \
-        "**Confident**. The ink fits another reading (agreement 0.75), but both readers are sure of this one."
+        "**Confident**. The ink fits another reading (agreement 0.75), but the model is sure of its reading."
     # An empty sketchpad is nothing drawn; a stroke on its transparent layer is a drawing, on white.
     empty = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     assert app.drawing({"composite": empty}) is None and app.drawing(None) is None
