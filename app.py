@@ -33,9 +33,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported (i
 class Arguments:
     checkpoint: str = setting("checkpoints", "a run folder (its best checkpoint, else latest epoch) or a checkpoint")
     examples_csv: str = setting("test.csv", "a data CSV whose first 8 pictures are the page's examples (if it exists)")
-    doubtful_below: float = setting(0.5, "flag a reading as doubtful below this confidence or picture check "
-                                         "(and where the ink fits another reading or leaves a size undecided, "
-                                         "and either is under inference.SURE)")
+    doubtful_below: float = setting(0.5, "flag a reading as doubtful below this confidence or picture check, "
+                                         "and for the ink's doubts (docs/SPEC.md's doubt flag)")
     port: int | None = setting(None, "the port to serve the page on (unset: $GRADIO_SERVER_PORT, else 7860)")
     host: str | None = setting(None, "the address (unset: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0: all "
                                      "networks)")
@@ -82,10 +81,10 @@ def read(reader, doubtful_below: float, picture: str | Image.Image | None) -> tu
     reading = inference.read(reader, [picture])[0]
     confidence, agreement, check = float(reading.confidence), reading.agreement, reading.picture_check
     doubts = inference.doubts(reading, doubtful_below)
-    ink = ""  # None: the DSL cannot compare
+    ink = ""  # also where the agreement is None: the DSL cannot compare
     if agreement == 1:
         ink = " The ink agrees."
-    elif agreement is not None and inference.sure(reading) and not reading.from_ink:
+    elif agreement is not None and inference.sure(reading):  # not named among the doubts: say why
         ink = f" The ink fits another reading (agreement {agreement:.2f}), but the model is sure of its reading."
     verdict = (f"**Doubtful**: {'; '.join(doubts)}." if doubts else "**Confident**.") + ink
     drawn = inference.render_side_by_side(picture, reading.dsl, reader.language)

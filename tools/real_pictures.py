@@ -553,10 +553,7 @@ def shape_position_scores(predictions: list[str], references: list[str]) -> dict
 
 
 def doubtful(reading) -> bool:
-    """inference.py's doubt flag at --flag_below DOUBT_CONFIDENCE (inference.doubts): confidence
-    or picture check below it, the ink fitting another reading (agreement below 1) or leaving a
-    size undecided (borderline) while either is under inference.SURE, or the reading taken from
-    the ink over the model's."""
+    """inference.py's doubt flag at --flag_below DOUBT_CONFIDENCE: any of inference.doubts."""
     import inference  # here, not at the top: drawing alone needs neither torch nor the model's code
 
     return inference.doubtful(reading, DOUBT_CONFIDENCE)
