@@ -75,6 +75,10 @@ SHEET_WORK_SIDE = 112  # the sheet is looked for on a picture this small: fast, 
 SURFACE_STEP = 10  # the most two neighbouring pixels of the surface differ, in any channel (0-255)
 SURFACE_FAR = 70  # the most a pixel of the surface differs from the edge's colour (uneven light)
 PAPER_APART = 28  # the least the sheet's colour differs from the surface's
+# A side of the sheet's box is its edge where the colours 2 px either side of it differ by more
+# than this (the 75th percentile along the side): sheets' edges differ by 45 or more, where the
+# flood stopped inside a shaded sheet by 3-16 (docs/LOG.md).
+EDGE_STEP = 30
 
 
 def runs(like: np.ndarray, joined: np.ndarray) -> np.ndarray:
@@ -115,7 +119,9 @@ def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
     differ little, none far from the edge's colour. What they surround is the sheet where it
     is large (at least 0.6 of the frame each way, not all of it), solid (0.85 of its box) and
     of another colour than the surface (its paper). A diagram on its own ground is none of these: what its ground
-    surrounds is ink and the insides of outlines, of the ground's colour."""
+    surrounds is ink and the insides of outlines, of the ground's colour. Where light shades a
+    side of the sheet to the surface's colour, the flood runs on into it and stops at no edge:
+    the sheet goes on to the frame's edge there (soft_sides)."""
     side = SHEET_WORK_SIDE
     small = np.asarray(picture.convert("RGB").resize((side, side), Image.BOX).filter(ImageFilter.GaussianBlur(1)),
                        dtype=np.int16)
@@ -137,8 +143,26 @@ def find_sheet(picture: Image.Image) -> tuple[int, int, int, int] | None:
     paper = np.median(small[top:bottom, left:right][box], axis=0)
     if box.mean() < 0.85 or np.abs(paper - surface).max() <= PAPER_APART:
         return None
+    soft = soft_sides(small, (left, top, right, bottom))
+    left, top = (0 if "left" in soft else left), (0 if "top" in soft else top)
+    right, bottom = (side if "right" in soft else right), (side if "bottom" in soft else bottom)
     scale_x, scale_y = picture.width / side, picture.height / side
     return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+
+
+def soft_sides(small: np.ndarray, box: tuple[int, int, int, int], gap: int = 2) -> set[str]:
+    """The sides of `box` (left, top, right, bottom, in `small`'s pixels) across which the
+    colour changes by EDGE_STEP or less: no edge of a sheet there. Of the steps along a side,
+    the 75th percentile, not the median: strokes drawn along an edge in a colour near the
+    surface's hide the edge where they run, and they may run along half of it."""
+    left, top, right, bottom = box
+    last = small.shape[0] - 1
+    inner_outer = {"left": (small[top:bottom, left + gap], small[top:bottom, max(left - gap, 0)]),
+                   "right": (small[top:bottom, right - 1 - gap], small[top:bottom, min(right - 1 + gap, last)]),
+                   "top": (small[top + gap, left:right], small[max(top - gap, 0), left:right]),
+                   "bottom": (small[bottom - 1 - gap, left:right], small[min(bottom - 1 + gap, last), left:right])}
+    return {name for name, (inner, outer) in inner_outer.items()
+            if np.percentile(np.abs(inner - outer).max(-1), 75) <= EDGE_STEP}
 
 
 def crop_to_sheet(picture: Image.Image) -> Image.Image:

@@ -4,7 +4,7 @@ tests/test_export.py)."""
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import dsl
 import looks
@@ -47,7 +47,6 @@ def test_a_normalised_look_keeps_a_lone_small_shape_and_solid_fills():
 
 def test_a_normalised_look_is_not_inverted_by_what_a_crop_leaves_of_the_surface():
     import renderer
-    from PIL import ImageDraw
 
     # A sheet cropped from a dark desk keeps a few pixels of the desk at its edges.
     text = "<StartDiagram> <Large> <Triangle> <TopLeft> <Small> <Circle> <TopRight> <Large> <Square> <BottomRight> <EndDiagram>"
@@ -112,3 +111,33 @@ def test_growing_along_runs_reaches_what_growing_a_pixel_at_a_time_does():
             slow = grown
         fast = looks.reached_from_edge(like, down, across)
         assert np.array_equal(fast, slow)
+
+
+def test_a_sheet_shaded_to_the_surfaces_colour_on_one_side_is_not_cut_there():
+    # A sheet (x 10-200, y 20-200) on a grey desk, its left part shaded so that its paper meets
+    # the desk's grey without an edge, a square and a circle drawn there: the desk's flood runs on
+    # into the shade, but the box goes to the frame's left edge, not through the drawing.
+    pixels = np.full((224, 224, 3), 120, dtype=np.float32)
+    light = np.clip((np.arange(224) - 10) / 70, 0, 1)  # 120 at the sheet's left edge, 240 from x = 80
+    pixels[20:200, 10:200] = (120 + 120 * light[10:200])[None, :, None]
+    picture = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle([25, 40, 75, 90], outline=(20, 20, 20), width=3)
+    draw.ellipse([25, 120, 75, 170], outline=(20, 20, 20), width=3)
+    draw.rectangle([120, 40, 170, 90], outline=(20, 20, 20), width=3)
+    side = looks.SHEET_WORK_SIDE
+    small = np.asarray(picture.resize((side, side), Image.BOX), dtype=np.int16)
+    # The box the flood leaves (at 112 px) starts in the shade, 24 px in: that side has no edge.
+    assert looks.soft_sides(small, (12, 10, 100, 100)) == {"left"}
+    box = looks.find_sheet(picture)
+    assert box is not None and box[0] == 0, box
+    assert max(abs(a - b) for a, b in zip(box[1:], (20, 200, 200))) <= 6, box
+    # A sheet's edge stays an edge where strokes as dark as the desk run along 0.6 of it.
+    for bottom in (192, 194):  # two squares' bottoms along 0.6 of the sheet's
+        picture = Image.new("RGB", (224, 224), (110, 114, 123))
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle([28, 32, 191, 195], fill=(235, 250, 250))
+        for left, right in ((40, 100), (130, 170)):
+            draw.rectangle([left, 120, right, bottom], outline=(34, 42, 46), width=4)
+        box = looks.find_sheet(picture)
+        assert box is not None and max(abs(a - b) for a, b in zip(box, (28, 32, 192, 196))) <= 4, box
