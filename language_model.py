@@ -5,6 +5,7 @@ the DSL's tags and the image markers added as new tokens, and wrapped with LoRA 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -58,19 +59,30 @@ def find(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=8)
+def content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The first 16 hex digits of a file's SHA-256 (0.16 s for SmolLM2's 98 MB), read once a
+    process while the file's size and time stay the same: a run asks for the LLM's folder
+    several times."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def gguf_as_folder(path: Path) -> Path:
     """A GGUF file as a transformers folder (config, tokenizer, float32 weights), made once
     and cached: reading the GGUF itself (its vocabulary parsed field by field, the weights
     de-quantized) is slow on every load, the folder fast (docs/LOG.md). Named by the file's
     content, so that reinstalling the same file (a new clone's `make install`) finds it again."""
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]  # 0.2 s for SmolLM2's 98 MB
-    folder = hardware.cache_dir() / f"{path.stem}-{digest}"
+    stat = path.stat()
+    folder = hardware.cache_dir() / f"{path.stem}-{content_digest(str(path), stat.st_size, stat.st_mtime_ns)}"
     if (folder / "config.json").is_file():
         return folder
-    # Folders of the same name made from another file (an older copy of it): 0.5 GB each.
+    # Folders made from another file of this name (an older copy of it), named by its content
+    # or, before, by its size and time: 0.5 GB each. Another model whose name starts alike keeps its own.
+    stale_name = re.compile(re.escape(path.stem) + r"-([0-9a-f]{16}|\d+-\d+)")
     for stale in folder.parent.glob(f"{path.stem}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale_name.fullmatch(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     print(f"converting {path.name} to a transformers folder in {folder} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     llm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

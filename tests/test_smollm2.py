@@ -68,14 +68,16 @@ def test_the_cached_folder_is_named_by_content_and_replaces_stale_ones(tmp_path,
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     stale = tmp_path / "cache" / "diagram-reader" / "SmolLM2-135M-Instruct.Q4_1-98362432-1796630414"
-    stale.mkdir(parents=True)
-    (stale / "config.json").write_text("{}")
+    other = stale.with_name("SmolLM2-135M-Instruct.Q4_1-extra-0123456789abcdef")  # another model's
+    for made in (stale, other):
+        made.mkdir(parents=True)
+        (made / "config.json").write_text("{}")
     first, second = tmp_path / "a" / language_model.SMOLLM2_GGUF, tmp_path / "b" / language_model.SMOLLM2_GGUF
     for copy, when in ((first, 1_000_000_000), (second, 2_000_000_000)):
         copy.parent.mkdir()
         shutil.copyfile(language_model.smollm2_path(), copy)
         os.utime(copy, (when, when))
     folder = language_model.find(str(first))
-    assert not stale.exists()
+    assert not stale.exists() and other.exists()
     assert language_model.find(str(second)) == folder
-    assert [p.name for p in (tmp_path / "cache" / "diagram-reader").iterdir()] == [Path(folder).name]
+    assert sorted(p.name for p in (tmp_path / "cache" / "diagram-reader").iterdir()) == [Path(folder).name, other.name]
